@@ -1,0 +1,119 @@
+"""Activation quantizers for conversion-oriented QAT (METHODS 1.2).
+
+Both quantizers compute ``s * clip(floor(x / s + 1/2), 0, L)`` and expose the same interface
+(``levels``, ``step``, ``threshold``) so that conversion treats them alike:
+
+* :class:`LSQQuantizer` learns the step ``s`` (LSQ: statistical init + gradient scaling);
+* :class:`QCFSQuantizer` learns the clip ``lam = s * L`` (QCFS, Bu et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from csdlab.quant.ste import grad_scale, round_half_up_ste
+
+__all__ = ["ActQuantizer", "LSQQuantizer", "QCFSQuantizer", "make_activation", "ACTIVATIONS"]
+
+
+def _check_levels(levels: int) -> int:
+    if not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"quantization levels L must be an integer >= 1, got {levels!r}")
+    return levels
+
+
+class ActQuantizer(nn.Module):
+    """Common interface of the activation quantizers: ``step`` s, ``levels`` L, ``threshold`` s*L."""
+
+    levels: int
+
+    @property
+    def step(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def threshold(self) -> Tensor:
+        """Clip value s*L; becomes the firing threshold of the neuron that replaces this quantizer."""
+        return self.step * self.levels
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, step={float(self.step.detach()):.4g}"
+
+
+class LSQQuantizer(ActQuantizer):
+    """y = s * clamp(floor(x/s + 1/2), 0, L) with a learned step s (LSQ, Esser et al. 2020, eq. 1-3).
+
+    Args:
+        levels: number of non-zero levels L (= time steps T after conversion).
+    """
+
+    def __init__(self, levels: int = 4) -> None:
+        super().__init__()
+        self.levels = _check_levels(levels)
+        self.step_size = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def step(self) -> Tensor:
+        return self.step_size
+
+    @torch.no_grad()
+    def _init_step(self, x: Tensor) -> None:
+        # s0 = 2 mean|x| / sqrt(L); averaged over ranks so every DDP replica starts identical.
+        s0 = 2 * x.abs().mean() / math.sqrt(self.levels)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(s0)
+            s0 /= dist.get_world_size()
+        self.step_size.copy_(s0.clamp_min(1e-8))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and not bool(self.initialized):
+            self._init_step(x)
+        # g = 1 / sqrt(numel per sample * L)
+        s = grad_scale(self.step_size, 1.0 / math.sqrt(x[0].numel() * self.levels))
+        return round_half_up_ste(torch.clamp(x / s, 0, self.levels)) * s
+
+
+class QCFSQuantizer(ActQuantizer):
+    """y = lam * clamp(floor(x L / lam + 1/2) / L, 0, 1) with a learned clip lam (QCFS, Bu et al. 2022).
+
+    Equals :class:`LSQQuantizer` with ``s = lam / L`` (no gradient scaling, fixed init).
+
+    Args:
+        levels: number of non-zero levels L.
+        init_clip: initial lam (QCFS uses 8).
+    """
+
+    def __init__(self, levels: int = 4, init_clip: float = 8.0) -> None:
+        super().__init__()
+        self.levels = _check_levels(levels)
+        if not init_clip > 0:
+            raise ValueError(f"init_clip must be > 0, got {init_clip}")
+        self.clip = nn.Parameter(torch.tensor(float(init_clip)))
+
+    @property
+    def step(self) -> Tensor:
+        return self.clip / self.levels
+
+    def forward(self, x: Tensor) -> Tensor:
+        lam = self.clip
+        return round_half_up_ste(torch.clamp(x * self.levels / lam, 0, self.levels)) * lam / self.levels
+
+
+ACTIVATIONS = ("relu", "lsq", "qcfs")
+
+
+def make_activation(kind: str, levels: int = 4) -> nn.Module:
+    """Build the activation that sits before every linear layer: ``relu``, ``lsq`` or ``qcfs``."""
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "lsq":
+        return LSQQuantizer(levels)
+    if kind == "qcfs":
+        return QCFSQuantizer(levels)
+    raise ValueError(f"unknown activation {kind!r}; choose one of {ACTIVATIONS}")
