@@ -1,0 +1,6 @@
+"""Convert a trained network into an SNN and measure it: ``python convert.py {csdformer,ecmt} --help``."""
+
+from csdlab.cli import convert_main
+
+if __name__ == "__main__":
+    convert_main()

@@ -1,0 +1,1 @@
+"""The functions behind convert.py's subcommands (one file each)."""
