@@ -2,6 +2,8 @@
 
 * :class:`DelayedIFNode`: the delayed integrate-and-fire (DIF) neuron of CSDformer (METHODS 1.4,
   Algorithm 1). With ``delay >= T - 1`` its spike count equals the LSQ quantizer's level.
+* :class:`MTNeuron`: the multi-threshold neuron of ECMT (METHODS 2.1): at most one signed spike
+  per step, at one of ``n`` power-of-two levels per sign, reset by subtraction.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from torch import Tensor
 
 from csdlab.quant.lsq import ActQuantizer
 
-__all__ = ["DelayedIFNode"]
+__all__ = ["DelayedIFNode", "MTNeuron"]
 
 
 class DelayedIFNode(base.MemoryModule):
@@ -30,7 +32,9 @@ class DelayedIFNode(base.MemoryModule):
 
     def __init__(self, v_threshold: float | Tensor, delay: int = 3) -> None:
         super().__init__()
-        theta = torch.as_tensor(v_threshold, dtype=torch.get_default_dtype()).detach().clone()
+        theta = torch.as_tensor(v_threshold).detach().clone()
+        if not theta.is_floating_point():  # keep a float64 threshold float64 (exactness tests)
+            theta = theta.to(torch.get_default_dtype())
         if theta.numel() != 1 or not bool(theta > 0):
             raise ValueError(f"v_threshold must be a positive scalar, got {v_threshold!r}")
         if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
@@ -75,3 +79,95 @@ class DelayedIFNode(base.MemoryModule):
 
     def extra_repr(self) -> str:
         return f"v_threshold={float(self.v_threshold):.4g}, delay={self.delay}"
+
+
+class MTNeuron(base.MemoryModule):
+    """Multi-threshold neuron of ECMT (METHODS 2.1; paper Eqs. 21-25); single- or multi-step.
+
+    Levels ``th1 * 2^k`` and ``-th2 * 2^k``, ``k = 0..n-1``; membrane ``v`` from 0. Each step
+    ``m = v + I``; one spike at the largest ``k`` with ``m >= th1 2^k - th1/2`` (or
+    ``-m >= th2 2^k - th2/2``); output ``x = +-th 2^k`` (0 if none); ``v = m - x``. The output is the
+    spike already weighted by its level, which is what the paper's parallel parameter normalization
+    (Eq. 27) feeds the next layer. While ``record`` is on, spikes are counted per level (buffers,
+    not memories: they outlive :func:`functional.reset_net` and are cleared by :meth:`clear_counts`).
+
+    Args:
+        th1: positive base threshold (> 0).
+        th2: negative base threshold magnitude (> 0).
+        levels: number of levels per sign n (>= 1).
+        record: count spikes per level in ``spike_counts`` and neuron-steps in ``neuron_steps``.
+    """
+
+    def __init__(self, th1: float = 1.0, th2: float = 1.0, levels: int = 8, record: bool = True) -> None:
+        super().__init__()
+        if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+            raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+        self.levels = levels
+        self.record = record
+        self.register_buffer("th1", torch.tensor(1.0))
+        self.register_buffer("th2", torch.tensor(1.0))
+        self.set_thresholds(th1, th2)
+        # [p_0..p_{n-1}, m_0..m_{n-1}]: spikes at +th1 2^k, then at -th2 2^k
+        self.register_buffer("spike_counts", torch.zeros(2 * levels, dtype=torch.long))
+        self.register_buffer("neuron_steps", torch.zeros((), dtype=torch.long))
+        self.register_memory("v", None)  # materialized as zeros at the first step
+        self.step_mode = "s"
+
+    def supported_step_mode(self) -> tuple[str, ...]:
+        return ("s", "m")
+
+    def set_thresholds(self, th1: float | Tensor, th2: float | Tensor) -> None:
+        """Set the base thresholds (calibration); both must be > 0."""
+        for name, value in (("th1", th1), ("th2", th2)):
+            t = torch.as_tensor(value, dtype=torch.float32).detach()
+            if t.numel() != 1 or not bool(t > 0) or not bool(torch.isfinite(t)):
+                raise ValueError(f"{name} must be a finite scalar > 0, got {value!r}")
+            getattr(self, name).copy_(t.reshape(()))
+
+    def clear_counts(self) -> None:
+        self.spike_counts.zero_()
+        self.neuron_steps.zero_()
+
+    def materialize_states(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
+                           step_mode: str) -> tuple[Tensor]:
+        (v,) = states
+        if v is None:
+            ref = inputs[0] if step_mode == "s" else inputs[0][0]
+            v = torch.zeros_like(ref)
+        return (v,)
+
+    def _fire(self, m: Tensor) -> Tensor:
+        # signed base threshold of each neuron's side; m / sth >= 0 always
+        sth = torch.where(m >= 0, self.th1.to(m.dtype), -self.th2.to(m.dtype))
+        # m >= th 2^k - th/2  <=>  u = m/th + 1/2 >= 2^k, so k = floor(log2 u) = exponent(u) - 1
+        # exactly (frexp: u = mantissa * 2^e, mantissa in [0.5, 1)); no spike when u < 1
+        _, e = torch.frexp(m / sth + 0.5)
+        k = (e - 1).clamp(max=self.levels - 1)
+        fire = k >= 0
+        if self.record:
+            # slot 2n collects the silent neurons; a scatter avoids a host sync on GPU
+            idx = torch.where(fire, k + self.levels * (sth < 0), 2 * self.levels).flatten()
+            counts = torch.zeros(2 * self.levels + 1, dtype=torch.long, device=m.device)
+            counts.scatter_add_(0, idx.long(), torch.ones_like(idx, dtype=torch.long))
+            self.spike_counts += counts[:-1]
+            self.neuron_steps += m.numel()
+        return torch.where(fire, torch.ldexp(sth, k.clamp(min=0)), torch.zeros_like(m))
+
+    def single_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
+                                       **kwargs: object) -> tuple[tuple[Tensor], tuple[Tensor]]:
+        (v,) = states
+        m = v + inputs[0]
+        x = self._fire(m)
+        return (x,), (m - x,)
+
+    def multi_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
+                                      **kwargs: object) -> tuple[tuple[Tensor], tuple[Tensor]]:
+        (v,) = states
+        out = []
+        for i in inputs[0]:
+            (x,), (v,) = self.single_step_functional_forward((i,), (v,))
+            out.append(x)
+        return (torch.stack(out),), (v,)
+
+    def extra_repr(self) -> str:
+        return f"th1={float(self.th1):.4g}, th2={float(self.th2):.4g}, levels={self.levels}"
