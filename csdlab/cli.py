@@ -2,8 +2,40 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+
+class TrainCLI(LightningCLI):
+    """LightningCLI with csdlab's defaults: checkpoints, rich progress bar, test after fit."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/top1", "checkpoint.mode": "max",
+                             "checkpoint.save_last": True, "checkpoint.filename": "best"})
+        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="run `test` on the best checkpoint when `fit` ends")
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.fast_dev_run:
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", weights_only=False)
+
+
+def train_main(args: Sequence[str] | None = None, run: bool = True) -> TrainCLI:
+    """``train.py {fit,validate,test} --config configs/NAME.yaml``."""
+    from csdlab.lit import ClassificationModule, ImageDataModule
+
+    # W&B stays offline (files under logs/, `wandb sync` later) unless the user sets WANDB_MODE=online.
+    os.environ.setdefault("WANDB_MODE", "offline")
+    return TrainCLI(ClassificationModule, ImageDataModule, args=args, run=run,
+                    save_config_kwargs={"overwrite": True},
+                    trainer_defaults={"default_root_dir": "logs"})
 
 
 def _underscore_options(argv: Sequence[str]) -> list[str]:
@@ -24,4 +56,5 @@ def convert_main(argv: Sequence[str] | None = None) -> None:
     from csdlab.commands.csdformer import csdformer
     from csdlab.commands.ecmt import ecmt
 
+    os.environ.setdefault("WANDB_MODE", "offline")
     CLI([csdformer, ecmt], args=_underscore_options(sys.argv[1:] if argv is None else argv))

@@ -227,7 +227,7 @@ class CSDformer(nn.Module):
         self.num_tokens = self.grid_size**2
 
         self.tokenizer = Tokenizer(in_chans, embed_dim, pool_stages, act, levels)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth ramp
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, act, levels, dpr[i]) for i in range(depth)
         ])

@@ -1,0 +1,158 @@
+"""LightningModule that trains any timm classifier (CSDformer float/QAT, plain timm ViTs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+import csdlab.models  # noqa: F401  registers csdformer_* with timm
+
+__all__ = ["ClassificationModule", "load_classifier", "build_model"]
+
+log = logging.getLogger(__name__)
+
+
+def build_model(model_name: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model`` with a clear error for an unknown name."""
+    if not timm.is_model(model_name):
+        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown model {model_name!r}; csdlab models: {timm.list_models('csdformer*')}, "
+                         f"similar timm names: {close}")
+    return timm.create_model(model_name, pretrained=pretrained, **(model_kwargs or {}))
+
+
+class ClassificationModule(L.LightningModule):
+    """Image classification with timm's optimizer factory, cosine schedule, Mixup and label smoothing.
+
+    Args:
+        model_name: a timm registry name (``csdformer_tiny``, ``vit_tiny_patch16_224``, ...).
+        model_kwargs: keyword arguments for ``timm.create_model`` (``num_classes``, ``img_size``,
+            ``in_chans``, ``act``, ``levels``, ...).
+        pretrained: load timm's pretrained weights (needs the model hub).
+        optimizer: timm optimizer name for ``create_optimizer_v2`` (``adamw``, ``sgd``, ``lamb``...).
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (timm skips biases, norms and LSQ step sizes).
+        warmup_epochs: linear warm-up length, in epochs (fractions allowed).
+        min_lr: final learning rate of the cosine decay.
+        warmup_lr: learning rate at the start of the warm-up.
+        label_smoothing: label smoothing factor (ignored when Mixup/CutMix is on; Mixup smooths).
+        mixup_alpha: Mixup alpha (0 disables).
+        cutmix_alpha: CutMix alpha (0 disables).
+        mixup_switch_prob: probability of CutMix instead of Mixup when both are enabled.
+    """
+
+    def __init__(self, model_name: str = "csdformer_tiny", model_kwargs: dict[str, Any] | None = None,
+                 pretrained: bool = False, optimizer: str = "adamw", lr: float = 5e-4,
+                 weight_decay: float = 0.05, warmup_epochs: float = 0.0, min_lr: float = 1e-5,
+                 warmup_lr: float = 1e-6, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
+                 cutmix_alpha: float = 0.0, mixup_switch_prob: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model_name, model_kwargs, pretrained)
+        self.num_classes = self.model.num_classes
+        n = self.num_classes
+        self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, switch_prob=mixup_switch_prob,
+                            label_smoothing=label_smoothing, num_classes=n)
+                      if mixup_alpha > 0 or cutmix_alpha > 0 else None)
+        self.train_loss = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.eval_loss = nn.CrossEntropyLoss()
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{k}": MulticlassAccuracy(n, top_k=min(k, n), average="micro")
+            for stage in ("val", "test") for k in (1, 5)
+        })
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        n_data = getattr(dm, "num_classes", None)
+        if n_data is not None and n_data != self.num_classes:
+            raise ValueError(f"the data has {n_data} classes but the model {self.hparams.model_name!r} has "
+                             f"{self.num_classes}; set model.model_kwargs.num_classes: {n_data}")
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        loss = self.train_loss(self.model(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.log(f"{stage}/loss", self.eval_loss(logits, y), sync_dist=True)
+        for k in (1, 5):
+            metric = self.metrics[f"{stage}_{k}"]
+            metric.update(logits, y)
+            self.log(f"{stage}/top{k}", metric, prog_bar=k == 1)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = create_optimizer_v2(self.model, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        per_epoch = max(total // max(self.trainer.max_epochs or 1, 1), 1)
+        warmup = int(hp.warmup_epochs * per_epoch)
+        # Per-step cosine so that short runs (a few epochs on a CPU) still anneal smoothly.
+        sched = CosineLRScheduler(opt, t_initial=max(total - warmup, 1), lr_min=hp.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=hp.warmup_lr,
+                                  warmup_prefix=True, t_in_epochs=False)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("model_name", "model_kwargs"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise ValueError(
+                    f"checkpoint was trained with {key}={saved[key]!r}, this run uses {self.hparams[key]!r}; "
+                    f"use the config the checkpoint was trained with (or start without --ckpt_path)")
+
+
+def load_classifier(path: str | Path, expected_model: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the timm model of a csdlab Lightning checkpoint and load its weights (strict).
+
+    Args:
+        path: a checkpoint written by ``train.py`` (Lightning ``.ckpt``).
+        expected_model: if given, the checkpoint must hold this timm model name.
+
+    Returns:
+        The model in eval mode and the checkpoint's hyper-parameters.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "model_name" not in hp or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a csdlab training checkpoint (no model_name hyper-parameter / state_dict); "
+                         f"pass a checkpoint written by train.py")
+    if expected_model is not None and hp["model_name"] != expected_model:
+        raise ValueError(f"{path} holds a {hp['model_name']!r} model, expected {expected_model!r}")
+    model = build_model(hp["model_name"], hp.get("model_kwargs"))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match the architecture {hp['model_name']} {hp.get('model_kwargs')}: {e}") from e
+    return model.eval(), dict(hp)
