@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import torch
 from spikingjelly.activation_based import base
-from torch import Tensor
+from torch import Tensor, nn
 
 from csdlab.quant.lsq import ActQuantizer
 
 __all__ = ["DelayedIFNode", "MTNeuron"]
+
+# integer view and sign+exponent mask per float dtype (clearing the mantissa gives 2^floor(log2 u))
+_EXPONENT_MASKS = {torch.float32: (torch.int32, -(1 << 23)), torch.float64: (torch.int64, -(1 << 52)),
+                   torch.float16: (torch.int16, -(1 << 10)), torch.bfloat16: (torch.int16, -(1 << 7))}
 
 
 class DelayedIFNode(base.MemoryModule):
@@ -67,15 +71,16 @@ class DelayedIFNode(base.MemoryModule):
         x_seq, (v,) = inputs[0], states
         theta = self.v_threshold.to(x_seq.dtype)
         steps = x_seq.shape[0]
-        spikes = []
+        v = v.clone()  # updated in place below; the supplied state must stay untouched
+        spikes = torch.empty_like(x_seq)  # [T, ...]: slot t - D is written at step t
         for t in range(steps + self.delay):
             if t < steps:
-                v = v + x_seq[t]
+                v.add_(x_seq[t])
             if t >= self.delay:
-                s = (v >= theta).to(x_seq.dtype)
-                v = v - s * theta
-                spikes.append(s)
-        return (torch.stack(spikes),), (v,)
+                s = spikes[t - self.delay]
+                s.copy_(v >= theta)
+                v.sub_(s * theta)  # reset by subtraction
+        return (spikes,), (v,)
 
     def extra_repr(self) -> str:
         return f"v_threshold={float(self.v_threshold):.4g}, delay={self.delay}"
@@ -137,21 +142,30 @@ class MTNeuron(base.MemoryModule):
         return (v,)
 
     def _fire(self, m: Tensor) -> Tensor:
-        # signed base threshold of each neuron's side; m / sth >= 0 always
+        # signed base threshold of each neuron's side, so m / sth >= 0
         sth = torch.where(m >= 0, self.th1.to(m.dtype), -self.th2.to(m.dtype))
-        # m >= th 2^k - th/2  <=>  u = m/th + 1/2 >= 2^k, so k = floor(log2 u) = exponent(u) - 1
-        # exactly (frexp: u = mantissa * 2^e, mantissa in [0.5, 1)); no spike when u < 1
-        _, e = torch.frexp(m / sth + 0.5)
-        k = (e - 1).clamp(max=self.levels - 1)
-        fire = k >= 0
+        # m >= th 2^k - th/2  <=>  u = m/sth + 1/2 >= 2^k: the level is 2^floor(log2 u), i.e. u with
+        # its mantissa bits cleared (exact, and ~3x cheaper than frexp + ldexp); u < 1: no spike
+        u = torch.addcdiv(self._half(m), m, sth)
+        bits = _EXPONENT_MASKS[m.dtype]
+        level = (u.view(bits[0]) & bits[1]).view(m.dtype).clamp_(max=2.0 ** (self.levels - 1))
+        level = nn.functional.threshold(level, 0.75, 0.0)  # levels are powers of two: 1 passes, 0.5 not
         if self.record:
-            # slot 2n collects the silent neurons; a scatter avoids a host sync on GPU
-            idx = torch.where(fire, k + self.levels * (sth < 0), 2 * self.levels).flatten()
-            counts = torch.zeros(2 * self.levels + 1, dtype=torch.long, device=m.device)
-            counts.scatter_add_(0, idx.long(), torch.ones_like(idx, dtype=torch.long))
-            self.spike_counts += counts[:-1]
-            self.neuron_steps += m.numel()
-        return torch.where(fire, torch.ldexp(sth, k.clamp(min=0)), torch.zeros_like(m))
+            self._count(level, sth)
+        return level * sth
+
+    def _half(self, m: Tensor) -> Tensor:
+        return torch.full((), 0.5, dtype=m.dtype, device=m.device)
+
+    def _count(self, level: Tensor, sth: Tensor) -> None:
+        # slot index k (+n for negative spikes); slot 2n collects silent neurons. A scatter, not a
+        # bincount, so a GPU never waits for the host.
+        _, e = torch.frexp(level)  # level = 2^k -> e = k + 1; silent (0) -> e = 0
+        idx = torch.where(e > 0, e - 1 + self.levels * (sth < 0), 2 * self.levels).flatten().long()
+        counts = torch.zeros(2 * self.levels + 1, dtype=torch.long, device=level.device)
+        counts.scatter_add_(0, idx, torch.ones_like(idx))
+        self.spike_counts += counts[:-1]
+        self.neuron_steps += level.numel()
 
     def single_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
                                        **kwargs: object) -> tuple[tuple[Tensor], tuple[Tensor]]:

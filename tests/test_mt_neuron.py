@@ -1,0 +1,73 @@
+"""MT neuron (METHODS 2.1) on hand-made inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spikingjelly.activation_based import functional
+
+from csdlab.snn.neurons import MTNeuron
+
+
+@pytest.mark.parametrize(("current", "out", "v_after"), [
+    (0.0, 0.0, 0.0),
+    (0.49, 0.0, 0.49),     # below th1/2: silent
+    (0.5, 1.0, -0.5),      # th1 * 2^0 - th1/2: smallest positive level
+    (1.49, 1.0, 0.49),
+    (1.5, 2.0, -0.5),      # th1 * 2^1 - th1/2
+    (5.5, 4.0, 1.5),       # 2^2 is the largest level for n = 3 (8 - 0.5 > 5.5)
+    (7.5, 8.0, -0.5),      # largest level th1 * 2^(n-1)
+    (1000.0, 8.0, 992.0),  # saturates at the largest level, rest stays in the membrane
+    (-0.24, 0.0, -0.24),   # above -th2/2: silent
+    (-0.25, -0.5, 0.25),   # smallest negative level -th2
+    (-0.75, -1.0, 0.25),   # -th2 * 2
+    (-3.75, -4.0, 0.25),   # largest negative level -th2 * 2^(n-1)
+    (-100.0, -4.0, -96.0),
+])
+def test_mt_single_step(current: float, out: float, v_after: float) -> None:
+    n = MTNeuron(th1=1.0, th2=0.5, levels=4)
+    y = n(torch.tensor([current]))
+    assert y.item() == pytest.approx(out) and n.v.item() == pytest.approx(v_after, abs=1e-6)
+
+
+def test_mt_levels_counted_per_sign() -> None:
+    n = MTNeuron(th1=1.0, th2=0.5, levels=4)
+    n(torch.tensor([0.5, 1.5, 7.5, 0.1, -0.25, -3.75, -3.75, 0.0]))
+    # [+1, +2, +4, +8, -0.5, -1, -2, -4]
+    assert n.spike_counts.tolist() == [1, 1, 0, 1, 1, 0, 0, 2] and n.neuron_steps.item() == 8
+
+
+def test_mt_multi_step_matches_single_step() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 1000)
+    single = MTNeuron(0.3, 0.2, levels=8)
+    ys = torch.stack([single(xt) for xt in x])
+    multi = MTNeuron(0.3, 0.2, levels=8)
+    multi.step_mode = "m"
+    torch.testing.assert_close(multi(x), ys)
+    functional.reset_net(single)
+    assert single.v is None
+
+
+def test_mt_output_sum_tracks_input_sum() -> None:
+    torch.manual_seed(0)
+    th1, th2 = 0.3, 0.2
+    # inputs within one base threshold per step: the running sums differ by < th at every t
+    x = (torch.rand(32, 5000) * 2 - 1) * torch.where(torch.rand(5000) < 0.5, th1, th2)
+    n = MTNeuron(th1, th2, levels=8)
+    ys = torch.stack([n(xt) for xt in x])
+    assert (ys.cumsum(0) - x.cumsum(0)).abs().max().item() < max(th1, th2)
+    # large inputs (up to 60 base thresholds per step): once the input stops, the large levels
+    # drain the membrane (it halves each step), ending within half a base threshold
+    n = MTNeuron(th1, th2, levels=8)
+    x = torch.cat([torch.randn(8, 5000) * 6.0, torch.zeros(12, 5000)])
+    ys = torch.stack([n(xt) for xt in x])
+    err = (ys.sum(0) - x.sum(0)).abs().max().item()
+    assert err <= max(th1, th2) / 2 + 1e-5
+    assert n.spike_counts[1:8].sum() > 0 and n.spike_counts[9:].sum() > 0  # higher levels were used
+
+
+@pytest.mark.parametrize("kwargs", [{"th1": 0.0}, {"th2": -1.0}, {"levels": 0}, {"th1": float("nan")}])
+def test_mt_rejects_bad_parameters(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        MTNeuron(**kwargs)
