@@ -131,6 +131,11 @@ class ConversionEvaluator(nn.Module):
             self.spikes[key].update(spikes)
             self.ops[key].update(torch.cat([ops.double(), torch.tensor([self._ann_macs_per_sample * n])]))
 
+    def reset(self) -> None:
+        for m in self.modules():
+            if isinstance(m, Metric):
+                m.reset()
+
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {"qann/top1": float(self.top1["qann"].compute())}
         if self.with_ann:
