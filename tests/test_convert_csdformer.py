@@ -24,7 +24,7 @@ MODELS = {
 }
 
 
-def random_qann(name: str, kwargs: dict, batch: int = 3, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+def random_qann(name: str, kwargs: dict, batch: int = 2, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A float64 QANN with random weights, random BN statistics and random LSQ steps set near
     the activation scale (so quantizers hit every level, not only 0 / saturation), and inputs."""
     torch.manual_seed(seed)
@@ -58,6 +58,12 @@ def qann(request: pytest.FixtureRequest) -> tuple[nn.Module, torch.Tensor]:
     return random_qann(*MODELS[request.param])
 
 
+@pytest.fixture(scope="module")
+def snn(qann: tuple[nn.Module, torch.Tensor]) -> SpikingCSDformer:
+    """The default conversion (T = L = 4, D = 3), shared by the read-only tests."""
+    return convert_csdformer(qann[0])
+
+
 def test_snn_equals_qann_float64(qann: tuple[nn.Module, torch.Tensor]) -> None:
     model, x = qann
     levels: dict[int, torch.Tensor] = {}
@@ -80,9 +86,8 @@ def test_snn_equals_qann_float64(qann: tuple[nn.Module, torch.Tensor]) -> None:
     assert rel_err(plain_if, ref) > 1e-3  # D = 0 is not exact: the test can fail
 
 
-def test_per_slot_readout_and_default_delay(qann: tuple[nn.Module, torch.Tensor]) -> None:
+def test_per_slot_readout_and_default_delay(qann: tuple[nn.Module, torch.Tensor], snn: SpikingCSDformer) -> None:
     model, x = qann
-    snn = convert_csdformer(model)  # T = L = 4, D = T - 1
     assert (snn.time_steps, snn.delay) == (4, 3)
     with torch.no_grad():
         slots = snn(x, per_slot=True)
@@ -92,9 +97,8 @@ def test_per_slot_readout_and_default_delay(qann: tuple[nn.Module, torch.Tensor]
     assert rel_err(slots[0], ref) > 1e-3  # one slot alone is not the answer
 
 
-def test_spike_driven(qann: tuple[nn.Module, torch.Tensor]) -> None:
+def test_spike_driven(qann: tuple[nn.Module, torch.Tensor], snn: SpikingCSDformer) -> None:
     model, x = qann
-    snn = convert_csdformer(model)
     report = spike_driven_check(snn, lambda s: s(x), exempt=[snn.first_conv, snn.head])
     assert report.ok, report.violations
     assert [c.exempt for c in report.layers].count(True) == 2
@@ -105,9 +109,8 @@ def test_spike_driven(qann: tuple[nn.Module, torch.Tensor]) -> None:
     assert spike_driven_check(snn, lambda s: s(x), exempt=[snn.head]).violations == ["model.tokenizer.stages.0.conv.conv"]
 
 
-def test_energy_counts(qann: tuple[nn.Module, torch.Tensor]) -> None:
+def test_energy_counts(qann: tuple[nn.Module, torch.Tensor], snn: SpikingCSDformer) -> None:
     model, x = qann
-    snn = convert_csdformer(model)
     with OpCounter(snn, analog=[snn.first_conv, snn.head]) as counter, torch.no_grad():
         snn(x)
     ann = ann_macs(model, x)
