@@ -113,3 +113,58 @@ def test_percentile_above_16m_elements() -> None:
     x = torch.arange(17_000_000, dtype=torch.float32)  # torch.quantile refuses > 16M
     assert percentile(x[torch.randperm(x.numel())], 99.0).item() == pytest.approx(0.99 * 17_000_000, abs=2)
     assert percentile(x, 1.0).item() == pytest.approx(0.01 * 17_000_000, abs=2)
+
+
+_DIGITS_VIT = {"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10, "depth": 2, "embed_dim": 64,
+               "num_heads": 2}
+
+
+def _digits_checkpoint(path) -> str:
+    torch.manual_seed(0)
+    ckpt = path / "vit_digits.pt"
+    torch.save(timm.create_model("vit_tiny_patch16_224", **_DIGITS_VIT).state_dict(), ckpt)
+    return str(ckpt)
+
+
+def test_ecmt_command_one_process(tmp_path) -> None:
+    from csdlab.commands.ecmt import ecmt
+
+    r = ecmt(model="vit_tiny_patch16_224", model_kwargs=_DIGITS_VIT, checkpoint=_digits_checkpoint(tmp_path),
+             data="digits", T=3, calib_batches=2, batch_size=32, limit=64, accelerator="cpu",
+             out_dir=str(tmp_path / "out"))
+    assert r["samples"] == 64 and len(r["snn_acc"]) == 3 and len(r["energy_ratio"]) == 3
+    assert r["logit_error"][2] < r["logit_error"][0]
+    assert 0 < r["energy_ratio"][0] < r["energy_ratio"][2]  # cumulative energy grows with t
+    assert all(0 <= v <= 1 for v in r["firing_rate"].values()) and len(r["firing_rate"]) == 16
+    rates = r["firing_rate_per_level"]["blocks.0.attn.mt_in"]["rate"]
+    assert len(rates) == 16 and sum(rates) == pytest.approx(r["firing_rate"]["blocks.0.attn.mt_in"])
+    assert (tmp_path / "out" / "figures.json").is_file() and (tmp_path / "out" / "accuracy_vs_t.png").is_file()
+
+
+@pytest.mark.slow
+def test_ecmt_ddp_two_processes_match_one(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "convert.py"), "ecmt", "--model", "vit_tiny_patch16_224",
+            "--model-kwargs", json.dumps(_DIGITS_VIT), "--checkpoint", _digits_checkpoint(tmp_path),
+            "--data", "digits", "--T", "3", "--calib-batches", "4", "--batch-size", "32", "--limit", "150",
+            "--accelerator", "cpu"]
+    figures = []
+    for devices in (1, 2):
+        out = tmp_path / f"d{devices}"
+        extra = ["--devices", str(devices)] + (["--strategy", "ddp"] if devices > 1 else [])
+        subprocess.run(args + extra + ["--out-dir", str(out)], check=True, cwd=root, timeout=600,
+                       capture_output=True)
+        figures.append(json.loads((out / "figures.json").read_text()))
+    (one, two) = (f["figures"] for f in figures)
+    assert figures[1]["world_size"] == 2 and one["samples"] == two["samples"] == 150
+    assert one["ann_acc"] == two["ann_acc"] and one["snn_acc"] == two["snn_acc"]
+    for site, (a1, a2) in one["thresholds"].items():
+        assert two["thresholds"][site] == pytest.approx([a1, a2], rel=1e-6)
+    assert two["logit_error"] == pytest.approx(one["logit_error"], rel=1e-5)
+    assert two["energy_ratio"] == pytest.approx(one["energy_ratio"], rel=1e-5)
+    assert two["firing_rate"] == pytest.approx(one["firing_rate"], rel=1e-9)
