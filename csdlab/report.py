@@ -82,6 +82,10 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
         ax.axhline(y, linestyle="--", linewidth=1, color="gray")
         ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if all(float(x).is_integer() for xs, _ in curves.values() for x in xs):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # delays and time steps are integers
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8)

@@ -15,6 +15,7 @@ from csdlab.lit.module import load_classifier
 from csdlab.lit.snn_eval import SNNEvalModule
 from csdlab.models.csdformer import CSDformer
 from csdlab.report import format_table, write_json
+from csdlab.snn.checks import spike_driven_check
 
 __all__ = ["csdformer", "results_table"]
 
@@ -46,7 +47,7 @@ def csdformer(checkpoint: str, delay: int = 3, delays: list[int] | None = None, 
 
     Runs through a Lightning ``Trainer`` (``validate`` / ``test``), so several devices / nodes (DDP)
     split the data and metrics are reduced across ranks. Rank 0 prints the table and writes
-    ``figures.json``, the plots and the SNN state (``snn_D{delay}.pt``, loadable with
+    ``figures.json`` (with the spike-driven check's verdict), the plots and the SNN state (``snn_D{delay}.pt``, loadable with
     ``csdlab.convert.csdformer.load_snn``) under ``out_dir``.
 
     Args:
@@ -108,7 +109,14 @@ def csdformer(checkpoint: str, delay: int = 3, delays: list[int] | None = None, 
         log.info("CSDformer conversion of %s (%s split, world size %d):\n%s", checkpoint, split,
                  trainer.world_size, table)
         print(table)  # the command's product: the README table on stdout
-        snn_path = save_snn(module.snn(delay).cpu().float(), out / f"snn_D{delay}.pt")
+        snn = module.snn(delay).cpu()
+        images = next(iter(dm.test_dataloader() if split == "test" else dm.val_dataloader()))[0][:16]
+        check = spike_driven_check(snn, lambda s: s(images.to(snn.model.head.weight.dtype)),
+                                   exempt=[snn.first_conv, snn.head])
+        results["spike_driven"] = float(check.ok)
+        log.info("spike-driven check (D=%d, %d layers): %s%s", delay, len(check.layers),
+                 "pass" if check.ok else "FAIL", "" if check.ok else f", analog inputs at {check.violations}")
+        snn_path = save_snn(snn.float(), out / f"snn_D{delay}.pt")
         plots = plot_conversion(results, delays, T, out)
         write_json({"checkpoint": checkpoint, "ann_checkpoint": ann_checkpoint, "split": split,
                     "dataset": dm.hparams.dataset, "time_steps": T, "delays": delays, "float64": float64,
