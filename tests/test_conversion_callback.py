@@ -117,3 +117,19 @@ def test_command_ddp_two_processes_match_one(tmp_path: Path) -> None:
     # the saved SNN loads and runs
     snn = load_snn(one["snn_state"])
     assert snn(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("every", "epoch", "runs"), [
+    (0, 0, False), (0, 4, True),  # only the last of 5 epochs
+    (2, 1, True), (2, 2, False), (2, 4, True),
+])
+def test_callback_schedule(every: int, epoch: int, runs: bool) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    trainer = SimpleNamespace(sanity_checking=False, fast_dev_run=False, current_epoch=epoch, max_epochs=5,
+                              state=SimpleNamespace(fn=TrainerFn.FITTING))
+    assert ConversionCallback(every_n_epochs=every)._should_run(trainer) is runs
+    trainer.sanity_checking = True
+    assert ConversionCallback(every_n_epochs=every)._should_run(trainer) is False

@@ -111,6 +111,13 @@ class ConversionEvaluator(nn.Module):
     def update(self, x: Tensor, y: Tensor, qann: nn.Module, snns: dict[int, SpikingCSDformer],
                ann: nn.Module | None = None) -> None:
         """Score one batch. ``snns`` maps each delay D to its SNN."""
+        # full precision even inside an AMP loop: half-precision sums would break the exact
+        # integer TDEC products and the level boundaries the SNN must reproduce
+        with torch.autocast(x.device.type, enabled=False):
+            self._update(x, y, qann, snns, ann)
+
+    def _update(self, x: Tensor, y: Tensor, qann: nn.Module, snns: dict[int, SpikingCSDformer],
+                ann: nn.Module | None) -> None:
         ref = qann(x)
         self.top1["qann"].update(ref, y)
         if ann is not None:
