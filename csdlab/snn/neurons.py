@@ -146,13 +146,15 @@ class MTNeuron(base.MemoryModule):
         sth = torch.where(m >= 0, self.th1.to(m.dtype), -self.th2.to(m.dtype))
         # m >= th 2^k - th/2  <=>  u = m/sth + 1/2 >= 2^k: the level is 2^floor(log2 u), i.e. u with
         # its mantissa bits cleared (exact, and ~3x cheaper than frexp + ldexp); u < 1: no spike
-        u = torch.addcdiv(self._half(m), m, sth)
-        bits = _EXPONENT_MASKS[m.dtype]
-        level = (u.view(bits[0]) & bits[1]).view(m.dtype).clamp_(max=2.0 ** (self.levels - 1))
-        level = nn.functional.threshold(level, 0.75, 0.0)  # levels are powers of two: 1 passes, 0.5 not
+        # in place on fresh temporaries: on a CPU, allocating each large temporary costs as much as
+        # the arithmetic
+        u = torch.addcdiv(self._half(m), m, sth).clamp_(max=2.0 ** (self.levels - 1))
+        int_type, mask = _EXPONENT_MASKS[m.dtype]
+        u.view(int_type).bitwise_and_(mask)
+        level = nn.functional.threshold_(u, 0.75, 0.0)  # levels are powers of two: 1 passes, 0.5 not
         if self.record:
             self._count(level, sth)
-        return level * sth
+        return level.mul_(sth)
 
     def _half(self, m: Tensor) -> Tensor:
         return torch.full((), 0.5, dtype=m.dtype, device=m.device)
