@@ -15,7 +15,7 @@ from csdlab.lit.ecmt_eval import ECMTData, ECMTEvaluation
 from csdlab.lit.module import build_model, load_classifier
 from csdlab.report import format_table, plot_bars, plot_curves, write_json
 
-__all__ = ["ecmt", "results_table", "load_vit"]
+__all__ = ["ecmt", "results_table", "firing_table", "load_vit"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,21 @@ def results_table(r: dict[str, Any]) -> str:
     for t, (acc, err, e) in enumerate(zip(r["snn_acc"], r["logit_error"], r["energy_ratio"]), start=1):
         rows.append(["SNN", t, acc, acc - r["ann_acc"], f"{err:.4f}", f"{e:.3f}"])
     return format_table(rows, ["model", "t", "top-1 (%)", "vs ANN (pt)", "mean abs logit error", "energy vs ANN"])
+
+
+def firing_table(r: dict[str, Any]) -> str:
+    """Firing rate (spikes per neuron per step, over all T steps) of each MT site, split into the
+    base levels ``+th1`` / ``-th2`` and the higher levels ``+-th 2^k, k >= 1``."""
+    rows = []
+    for site, total in r["firing_rate"].items():
+        per_level = r.get("firing_rate_per_level", {}).get(site)
+        if per_level is None:  # a spawning strategy returns the per-site totals only
+            rows.append([site, f"{total:.4f}", "-", "-", "-"])
+            continue
+        rate, n = per_level["rate"], len(per_level["rate"]) // 2
+        higher = sum(rate[1:n]) + sum(rate[n + 1:])
+        rows.append([site, f"{total:.4f}", f"{rate[0]:.4f}", f"{rate[n]:.4f}", f"{higher:.4f}"])
+    return format_table(rows, ["MT site", "firing rate", "at +th1", "at -th2", "at higher levels"])
 
 
 def _from_callback_metrics(metrics: dict[str, Any], T: int) -> dict[str, Any]:
@@ -155,6 +170,7 @@ def ecmt(model: str | None = None, pretrained: bool = False, checkpoint: str | N
         log.info("ECMT %s on %s/%s, T=%d, n=%d, p=%g, world size %d:\n%s", name, data, split, T, levels,
                  percentile, trainer.world_size, table)
         print(table)  # the command's product: the README table on stdout
+        print(firing_table(results))
         plots = _plots(results, out)
         write_json({"model": name, "checkpoint": checkpoint, "data": data, "split": split, "T": T,
                     "levels": levels, "percentile": percentile, "calib_batches": calib_batches,

@@ -4,6 +4,10 @@ Both are single-step stateful modules (SpikingJelly 2.0 ``MemoryModule``), reset
 ``functional.reset_net``. Their defining property is *anytime correctness*: the running mean of
 their outputs over steps ``1..t`` equals the ANN function of the running mean of their inputs, at
 every ``t``.
+
+Energy (METHODS 3): the matrix-product EC counts itself (:meth:`ECMatMul.count_ops`). The general
+EC defines no count: the ANN side (``ann_macs``, a FLOP counter of matmuls and convolutions) does
+not count LayerNorm, GELU or softmax either, so both sides leave these element-wise functions out.
 """
 
 from __future__ import annotations
