@@ -142,8 +142,10 @@ class MTNeuron(base.MemoryModule):
         return (v,)
 
     def _fire(self, m: Tensor) -> Tensor:
-        # signed base threshold of each neuron's side, so m / sth >= 0
-        sth = torch.where(m >= 0, self.th1.to(m.dtype), -self.th2.to(m.dtype))
+        # signed base threshold of each neuron's side (th1 or -th2), so m / sth >= 0; from the sign
+        # bit, as torch.where with scalar operands is several times slower on a CPU
+        th1, th2 = self.th1.to(m.dtype), self.th2.to(m.dtype)
+        sth = m.signbit().to(m.dtype).mul_(-(th1 + th2)).add_(th1)
         # m >= th 2^k - th/2  <=>  u = m/sth + 1/2 >= 2^k: the level is 2^floor(log2 u), i.e. u with
         # its mantissa bits cleared (exact, and ~3x cheaper than frexp + ldexp); u < 1: no spike
         # in place on fresh temporaries: on a CPU, allocating each large temporary costs as much as
