@@ -56,7 +56,7 @@ def csdformer(checkpoint: str, delay: int = 3, delays: list[int] | None = None, 
         delays: all delays to evaluate (default ``0..delay``).
         ann_checkpoint: optional float (``act: relu``) checkpoint of the same architecture, scored
             as the ANN row of the table.
-        dataset: dataset name (default: the checkpoint's training dataset).
+        dataset: dataset name (default: the checkpoint's training dataset, when it records one).
         data_dir: dataset root.
         split: ``test`` or ``val``.
         batch_size: per-device batch size.
@@ -84,8 +84,11 @@ def csdformer(checkpoint: str, delay: int = 3, delays: list[int] | None = None, 
     if ann_checkpoint is not None:
         ann, _ = load_classifier(ann_checkpoint, expected_model=hp["model_name"])
     data_hp = torch.load(checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
-    dm = ImageDataModule(dataset=dataset or data_hp.get("dataset", "digits"), data_dir=data_dir,
-                         img_size=data_hp.get("img_size") if dataset is None else None, batch_size=batch_size,
+    dataset = dataset or data_hp.get("dataset")
+    if dataset is None:
+        raise ValueError(f"{checkpoint} does not record its dataset; pass --dataset (e.g. fashion_mnist)")
+    # the model fixes the input size; the split seed / fraction follow training when recorded
+    dm = ImageDataModule(dataset=dataset, data_dir=data_dir, img_size=qann.img_size, batch_size=batch_size,
                          num_workers=num_workers, val_fraction=data_hp.get("val_fraction", 0.1),
                          seed=data_hp.get("seed", 0), augment=False)
     if float64:
