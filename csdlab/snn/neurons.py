@@ -142,10 +142,11 @@ class MTNeuron(base.MemoryModule):
         return (v,)
 
     def _fire(self, m: Tensor) -> Tensor:
-        # signed base threshold of each neuron's side (th1 or -th2), so m / sth >= 0; from the sign
-        # bit, as torch.where with scalar operands is several times slower on a CPU
+        # signed base threshold of each neuron's side, so m / sth >= 0: +-(th1+th2)/2 + (th1-th2)/2
+        # is th1 or -th2 (copysign sends -0.0 to the negative side, where it stays silent);
+        # torch.where with scalar operands is several times slower on a CPU
         th1, th2 = self.th1.to(m.dtype), self.th2.to(m.dtype)
-        sth = m.signbit().to(m.dtype).mul_(-(th1 + th2)).add_(th1)
+        sth = torch.copysign((th1 + th2) * 0.5, m).add_((th1 - th2) * 0.5)
         # m >= th 2^k - th/2  <=>  u = m/sth + 1/2 >= 2^k: the level is 2^floor(log2 u), i.e. u with
         # its mantissa bits cleared (exact, and ~3x cheaper than frexp + ldexp); u < 1: no spike
         # in place on fresh temporaries: on a CPU, allocating each large temporary costs as much as
@@ -165,7 +166,7 @@ class MTNeuron(base.MemoryModule):
         # slot index k (+n for negative spikes); slot 2n collects silent neurons. A scatter, not a
         # bincount, so a GPU never waits for the host.
         _, e = torch.frexp(level)  # level = 2^k -> e = k + 1; silent (0) -> e = 0
-        idx = torch.where(e > 0, e - 1 + self.levels * (sth < 0), 2 * self.levels).flatten().long()
+        idx = torch.where(e > 0, e - 1 + self.levels * sth.signbit(), 2 * self.levels).flatten().long()
         counts = torch.zeros(2 * self.levels + 1, dtype=torch.long, device=level.device)
         counts.scatter_add_(0, idx, torch.ones_like(idx))
         self.spike_counts += counts[:-1]
@@ -176,7 +177,7 @@ class MTNeuron(base.MemoryModule):
         (v,) = states
         m = v + inputs[0]
         x = self._fire(m)
-        return (x,), (m - x,)
+        return (x,), (m.sub_(x),)  # m is this step's own tensor: it becomes the new membrane
 
     def multi_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
                                       **kwargs: object) -> tuple[tuple[Tensor], tuple[Tensor]]:
