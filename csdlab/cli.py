@@ -6,19 +6,19 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 
 class TrainCLI(LightningCLI):
-    """LightningCLI with csdlab's defaults: checkpoints, rich progress bar, test after fit."""
+    """LightningCLI with csdlab's defaults: checkpoints, a rich progress bar (``--progress_bar.refresh_rate 0``
+    hides it), and ``test`` on the best checkpoint after ``fit``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/top1", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.filename": "best"})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="run `test` on the best checkpoint when `fit` ends")
 

@@ -32,8 +32,9 @@ class ReplicaConsistency(Callback):
         gathered = trainer.strategy.all_gather(flat)  # [world, P] (just [P] on one device)
         gathered = gathered.view(trainer.world_size, -1)
         diff = float((gathered - gathered[0]).abs().max())
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank must ask
         if trainer.is_global_zero:
-            out = Path(trainer.log_dir or trainer.default_root_dir) / "replicas.json"
+            out = Path(log_dir) / "replicas.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"world_size": trainer.world_size, "max_abs_diff": diff,
                                        "num_params": int(flat.numel())}))

@@ -88,6 +88,7 @@ class ClassificationModule(L.LightningModule):
             x, y = self.mixup(x, y)
         loss = self.train_loss(self.model(x), y)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
