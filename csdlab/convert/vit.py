@@ -23,7 +23,6 @@ import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from spikingjelly.activation_based import functional
@@ -37,8 +36,9 @@ from csdlab.convert.passes import swap_modules
 from csdlab.snn.ecmt import ECFunction, ECMatMul
 from csdlab.snn.neurons import MTNeuron
 
-__all__ = ["ECMTAttention", "ECMTMlp", "convert_vit", "simulate", "mt_sites", "analog_layers",
-           "percentile", "calibrate", "observe_sites", "set_thresholds", "site_overrides"]
+__all__ = ["ECMTAttention", "ECMTMlp", "convert_vit", "simulate", "mt_sites", "analog_layers", "percentile",
+           "calibrate", "observe_sites", "set_thresholds", "site_overrides", "thresholds_from_percentiles",
+           "finalize_thresholds"]
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def convert_vit(model: nn.Module, levels: int = 8, spiking: bool = True) -> nn.M
 
 
 def mt_sites(snn: nn.Module) -> dict[str, MTNeuron]:
-    """The MT neurons of ``snn`` by qualified name, in forward order."""
+    """The MT neurons of ``snn`` by qualified name (block by block, in module order)."""
     return {name: m for name, m in snn.named_modules() if isinstance(m, MTNeuron)}
 
 
@@ -310,7 +310,3 @@ def calibrate(snn: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]], p:
     means = {n: tuple(torch.stack(v).mean(0).tolist()) for n, v in stats.items()}
     return finalize_thresholds(snn, means, site_overrides(snn, softmax_threshold, gelu_thresholds))
 
-
-def describe(th: dict[str, Any]) -> str:
-    """One line per site for logs."""
-    return "\n".join(f"{n}: th1={a:.4g} th2={b:.4g}" for n, (a, b) in th.items())
