@@ -10,12 +10,13 @@ Both quantizers compute ``s * clip(floor(x / s + 1/2), 0, L)`` and expose the sa
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from csdlab.quant.ste import grad_scale, round_half_up_ste
+from csdlab.quant.ste import round_half_up_ste
 
 __all__ = ["ActQuantizer", "LSQQuantizer", "QCFSQuantizer", "make_activation", "ACTIVATIONS"]
 
@@ -42,6 +43,32 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, step={float(self.step.detach()):.4g}"
+
+
+class _LSQFunction(torch.autograd.Function):
+    """Fused LSQ forward/backward: one saved tensor, the gradients of Esser et al. 2020 (eq. 3-5).
+
+    Autograd through clamp/floor/STE helpers costs about six elementwise passes more per call; QAT
+    runs this after every layer, so it is worth the hand-written backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, step: Tensor, levels: int, g: float) -> Tensor:
+        v = x / step
+        q = (v + 0.5).floor_().clamp_(0, levels)  # round half up, then clip to [0, L]
+        ctx.save_for_backward(v, q)
+        ctx.levels, ctx.g = levels, g
+        return q * step
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        v, q = ctx.saved_tensors
+        # d y / d x = 1 inside [0, L s] (straight-through), 0 outside
+        grad_x = grad * ((v >= 0) & (v <= ctx.levels))
+        # d y / d s = round(v) - v inside, L above, 0 below  ==  q - v * inside;
+        # summed against grad as two dot products (one pass each)
+        grad_s = (torch.dot(grad.flatten(), q.flatten()) - torch.dot(grad_x.flatten(), v.flatten())) * ctx.g
+        return grad_x, grad_s.reshape(()).to(grad.dtype), None, None
 
 
 class LSQQuantizer(ActQuantizer):
@@ -74,9 +101,8 @@ class LSQQuantizer(ActQuantizer):
     def forward(self, x: Tensor) -> Tensor:
         if self.training and not bool(self.initialized):
             self._init_step(x)
-        # g = 1 / sqrt(numel per sample * L)
-        s = grad_scale(self.step_size, 1.0 / math.sqrt(x[0].numel() * self.levels))
-        return round_half_up_ste(torch.clamp(x / s, 0, self.levels)) * s
+        # gradient scale g = 1 / sqrt(numel per sample * L)
+        return _LSQFunction.apply(x, self.step_size, self.levels, 1.0 / math.sqrt(x[0].numel() * self.levels))
 
 
 class QCFSQuantizer(ActQuantizer):
