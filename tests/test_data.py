@@ -62,3 +62,36 @@ def test_fashion_mnist_offline_from_debian_files(tmp_path):
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (16, 1, 28, 28) and int(y[0]) == 9  # the first test image is an ankle boot
     assert Path(tmp_path, "FashionMNIST", "raw", "train-images-idx3-ubyte").is_file()
+
+
+def _foolbox_images(prefix: str) -> list[Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(Path(spec.submodule_search_locations[0], "data").glob(f"{prefix}_*"))
+
+
+@pytest.mark.skipif(not _foolbox_images("imagenet"), reason="foolbox's sample images not installed (pip install --no-deps foolbox)")
+def test_imagenet_pipeline_on_real_jpegs(tmp_path):
+    """20 real ImageNet JPEGs (foolbox) laid out as an ImageFolder tree: timm transforms, 224 px, labels."""
+    images = _foolbox_images("imagenet")
+    for split in ("train", "val"):
+        for f in images:
+            label = int(f.stem.split("_")[-1])
+            d = tmp_path / split / f"n{label:08d}"  # WordNet-like folder names sort like class indices
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f.name).symlink_to(f)
+    dm = ImageDataModule("imagenet", data_dir=str(tmp_path), batch_size=4, val_fraction=0.25, augment=True,
+                         auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 224, 224) and torch.isfinite(x).all()
+    xt, yt = next(iter(dm.test_dataloader()))
+    classes = dm.test_set.classes
+    # the eval pipeline keeps labels: folder names carry the original class index
+    from_names = [int(Path(path).stem.split("_")[-1]) for path, _ in dm.test_set.samples[:4]]
+    assert [int(classes[i][1:]) for i in yt.tolist()] == from_names
+    assert abs(float(xt.mean())) < 1.0  # normalised with the ImageNet mean/std
+    assert len(dm.train_set) + len(dm.val_set) == len(images)
