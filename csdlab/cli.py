@@ -57,4 +57,4 @@ def convert_main(argv: Sequence[str] | None = None) -> None:
     from csdlab.commands.ecmt import ecmt
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    CLI([csdformer, ecmt], args=_underscore_options(sys.argv[1:] if argv is None else argv))
+    CLI([csdformer, ecmt], as_positional=False, args=_underscore_options(sys.argv[1:] if argv is None else argv))

@@ -125,8 +125,9 @@ class ConversionCallback(Callback):
         self._snns = self._evaluator = None  # never kept as a submodule of pl_module
         self.last_results = results
         pl_module.log_dict({f"conversion/{stage}/{k}": v for k, v in results.items()}, sync_dist=True)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank asks
         if self.plots and trainer.is_global_zero:
-            root = Path(trainer.log_dir or trainer.default_root_dir) / "conversion"
+            root = Path(log_dir) / "conversion"
             paths = plot_conversion(results, self.delays, time_steps, root,
                                     prefix=f"{stage}_epoch{trainer.current_epoch}_")
             for logger in trainer.loggers:
