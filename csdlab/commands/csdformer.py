@@ -39,7 +39,7 @@ def results_table(results: dict[str, float], delays: list[int], time_steps: int)
 
 
 def csdformer(checkpoint: str, delay: int = 3, delays: list[int] | None = None, ann_checkpoint: str | None = None,
-              dataset: str | None = None, data_dir: str = "data", split: str = "test", batch_size: int = 256,
+              data: str | None = None, data_dir: str = "data", split: str = "test", batch_size: int = 256,
               num_workers: int = 0, limit_batches: int | None = None, time_steps: int | None = None,
               float64: bool = False, accelerator: str = "auto", devices: int | str = 1, num_nodes: int = 1,
               strategy: str = "auto", out_dir: str = "logs/convert_csdformer") -> dict[str, Any]:
@@ -56,7 +56,7 @@ def csdformer(checkpoint: str, delay: int = 3, delays: list[int] | None = None, 
         delays: all delays to evaluate (default ``0..delay``).
         ann_checkpoint: optional float (``act: relu``) checkpoint of the same architecture, scored
             as the ANN row of the table.
-        dataset: dataset name (default: the checkpoint's training dataset, when it records one).
+        data: dataset name (default: the checkpoint's training dataset, when it records one).
         data_dir: dataset root.
         split: ``test`` or ``val``.
         batch_size: per-device batch size.
@@ -84,9 +84,9 @@ def csdformer(checkpoint: str, delay: int = 3, delays: list[int] | None = None, 
     if ann_checkpoint is not None:
         ann, _ = load_classifier(ann_checkpoint, expected_model=hp["model_name"])
     data_hp = torch.load(checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
-    dataset = dataset or data_hp.get("dataset")
+    dataset = data or data_hp.get("dataset")
     if dataset is None:
-        raise ValueError(f"{checkpoint} does not record its dataset; pass --dataset (e.g. fashion_mnist)")
+        raise ValueError(f"{checkpoint} does not record its dataset; pass --data (e.g. fashion_mnist)")
     # the model fixes the input size; the split seed / fraction follow training when recorded
     dm = ImageDataModule(dataset=dataset, data_dir=data_dir, img_size=qann.img_size, batch_size=batch_size,
                          num_workers=num_workers, val_fraction=data_hp.get("val_fraction", 0.1),
