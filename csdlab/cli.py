@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from csdlab.lit.module import check_checkpoint_hparams
 
 
 class TrainCLI(LightningCLI):
@@ -22,9 +27,34 @@ class TrainCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="run `test` on the best checkpoint when `fit` ends")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI next replaces the model config by a --ckpt_path's hyper-parameters; the config
+        # is authoritative here, so a checkpoint of another architecture is an error, not a silent swap.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+            check_checkpoint_hparams(saved, self.config[sub]["model"], ckpt_path)
+
+    def before_fit(self) -> None:
+        self._weights_only_by_default()
+
+    def before_validate(self) -> None:
+        self._weights_only_by_default()
+
+    def before_test(self) -> None:
+        self._weights_only_by_default()
+
+    def _weights_only_by_default(self) -> None:
+        # checkpoints are loaded with torch.load(weights_only=True) unless the user says otherwise
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("weights_only") is None:
+            cfg["weights_only"] = True
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.fast_dev_run:
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", weights_only=False)
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", weights_only=True)
 
 
 def train_main(args: Sequence[str] | None = None, run: bool = True) -> TrainCLI:

@@ -105,7 +105,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     # resuming `fit` from it with another architecture fails before any training
     args = _cli_args(tmp_path, "--model.model_kwargs", "{num_classes: 10, img_size: 16, in_chans: 1, "
                      "pool_stages: [2, 3], embed_dim: 128}", "--ckpt_path", str(tmp_path / "tiny.ckpt"))
-    with pytest.raises(ValueError, match="checkpoint was trained with model_kwargs"):
+    with pytest.raises(ValueError, match="was trained with model_kwargs"):
         train_main(args)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a csdlab training checkpoint"):

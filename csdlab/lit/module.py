@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,12 +123,16 @@ class ClassificationModule(L.LightningModule):
         scheduler.step_update(num_updates=self.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        for key in ("model_name", "model_kwargs"):
-            if key in saved and saved[key] != self.hparams[key]:
-                raise ValueError(
-                    f"checkpoint was trained with {key}={saved[key]!r}, this run uses {self.hparams[key]!r}; "
-                    f"use the config the checkpoint was trained with (or start without --ckpt_path)")
+        check_checkpoint_hparams(checkpoint.get("hyper_parameters", {}), self.hparams)
+
+
+def check_checkpoint_hparams(saved: Mapping[str, Any], current: Mapping[str, Any], path: str | Path = "checkpoint") -> None:
+    """Raise if a checkpoint was trained with another model than the one configured now."""
+    for key in ("model_name", "model_kwargs"):
+        if key in saved and saved[key] != current.get(key):
+            raise ValueError(
+                f"{path} was trained with {key}={saved[key]!r}, this run uses {current.get(key)!r}; "
+                f"use the config the checkpoint was trained with (or start without --ckpt_path)")
 
 
 def load_classifier(path: str | Path, expected_model: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
