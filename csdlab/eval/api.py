@@ -1,0 +1,88 @@
+"""The contract between a converter and the one evaluation path (``csdlab.eval``).
+
+A method (CSDformer, ECMT, MBE, ...) supplies two things and nothing else:
+
+* a :class:`Converter`: configured by its ``__init__`` arguments (YAML / command line), it checks
+  the model it is given, optionally calibrates on training images, and builds one or more
+  :class:`SpikingModel` *variants* (one per delay D, per T, ...);
+* each :class:`SpikingModel`: ``forward(images)`` simulates its time steps and returns the readout
+  after every step listed in ``readout_steps``.
+
+Everything measured (accuracy per t, agreement and logit error vs the reference network, firing
+rates per site, energy, tables, JSON, plots, W&B, DDP) is done by :mod:`csdlab.eval` from these.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["SpikingModel", "Converter", "AllReduce"]
+
+# sums a tensor over every process (identity in a single process)
+AllReduce = Callable[[Tensor], Tensor]
+
+
+class SpikingModel(nn.Module, ABC):
+    """A converted network, ready to simulate.
+
+    Subclasses set ``time_steps`` (T as the method defines it, see ``docs/methods.md``) and
+    ``readout_steps`` (the t of each readout row: ``1..T`` for an anytime readout, ``[T]`` when
+    only the end is meaningful).
+    """
+
+    time_steps: int
+    readout_steps: list[int]
+
+    @abstractmethod
+    def forward(self, images: Tensor) -> Tensor:
+        """Reset, simulate, and return the readout ``[len(readout_steps), B, classes]``."""
+
+    @abstractmethod
+    def sites(self) -> dict[str, nn.Module]:
+        """The neuron layers by readable name. Firing rates are counted on their outputs: a
+        module with ``count_events(output) -> (events, neuron_steps)`` counts itself, any other
+        output counts its non-zero entries over its ``numel``."""
+
+    @abstractmethod
+    def analog_layers(self) -> list[nn.Module]:
+        """Conv2d / Linear layers whose input is analog (they cost MACs, not ACs)."""
+
+    def time_flattened(self) -> bool:
+        """True when layers run once on a ``[T*B, ...]`` batch (multi-step), False when they are
+        called once per step on ``[B, ...]``; the op counter splits counts per step accordingly."""
+        return False
+
+
+class Converter(ABC):
+    """Builds spiking variants of a trained network.
+
+    Args are the method's own options (T, D, levels, ...): LightningCLI builds the converter from
+    ``model.converter`` in ``configs/convert/*.yaml``.
+    """
+
+    #: short method name used in keys, file names and logs (``csdformer``, ``ecmt``, ``mbe``)
+    name: str = "snn"
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` (naming the problem and the fix) if ``model`` cannot be converted.
+        Called before any data is read."""
+
+    def calibrate(self, model: nn.Module, batches: Iterable[Tensor], all_reduce: AllReduce) -> dict[str, Any]:
+        """Observe ``model`` (float / quantized, never the SNN) on this process's share of the
+        calibration images and fix the conversion's data-dependent constants. Per-process sums
+        must go through ``all_reduce`` so every process ends with the same constants. Returns a
+        JSON-able summary (thresholds, ranges). Default: nothing to calibrate."""
+        return {}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return type(self).calibrate is not Converter.calibrate
+
+    @abstractmethod
+    def convert(self, model: nn.Module) -> dict[str, SpikingModel]:
+        """The spiking variants by label (``D3``, ``T16``, ...), each on ``model``'s device/dtype.
+        ``model`` is not modified."""
