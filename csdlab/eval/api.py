@@ -43,13 +43,20 @@ class SpikingModel(nn.Module, ABC):
 
     @abstractmethod
     def sites(self) -> dict[str, nn.Module]:
-        """The neuron layers by readable name. Firing rates are counted on their outputs: a
-        module with ``count_events(output) -> (events, neuron_steps)`` counts itself, any other
-        output counts its non-zero entries over its ``numel``."""
+        """The neuron layers by readable name, for firing rates (spikes per neuron per step).
+
+        A forward hook on each counts: a module with ``count_events(inputs, output) ->
+        (events, neuron_steps)`` counts itself (multi-basis or multi-level neurons); for any
+        other, events = non-zero entries of its output and neuron-steps = its ``numel``."""
 
     @abstractmethod
     def analog_layers(self) -> list[nn.Module]:
-        """Conv2d / Linear layers whose input is analog (they cost MACs, not ACs)."""
+        """Conv2d / Linear layers whose input is analog (they cost MACs, not ACs).
+
+        Energy (``csdlab.energy.OpCounter``): every other Conv2d / Linear costs one AC per non-zero
+        input event x its actual fan-out; a module that defines ``count_ops(inputs, output) ->
+        (macs, acs)`` (floats, or 1-D tensors with one entry per time step) counts itself and the
+        counter does not descend into its children."""
 
     def time_flattened(self) -> bool:
         """True when layers run once on a ``[T*B, ...]`` batch (multi-step), False when they are
