@@ -1,4 +1,4 @@
-"""Convert a trained network into an SNN and measure it: ``python convert.py {csdformer,ecmt} --help``."""
+"""Convert a trained network into an SNN and measure it: ``python convert.py test --config configs/convert/NAME.yaml``."""
 
 from csdlab.cli import convert_main
 

@@ -68,23 +68,10 @@ def train_main(args: Sequence[str] | None = None, run: bool = True) -> TrainCLI:
                     trainer_defaults={"default_root_dir": "logs"})
 
 
-def _underscore_options(argv: Sequence[str]) -> list[str]:
-    # jsonargparse names options after Python parameters (--calib_batches); accept --calib-batches too.
-    out = []
-    for a in argv:
-        if a.startswith("--") and not a.startswith("---"):
-            name, eq, value = a[2:].partition("=")
-            a = "--" + name.replace("-", "_") + eq + value
-        out.append(a)
-    return out
-
-
 def convert_main(argv: Sequence[str] | None = None) -> None:
-    """``convert.py {csdformer,ecmt} ...``: subcommands built from the two functions' signatures."""
-    from jsonargparse import CLI
-
-    from csdlab.commands.csdformer import csdformer
-    from csdlab.commands.ecmt import ecmt
+    """``convert.py test --config configs/convert/NAME.yaml``: see :mod:`csdlab.eval.cli`."""
+    from csdlab.eval.cli import configure_logging, make_convert_cli
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    CLI([csdformer, ecmt], as_positional=False, args=_underscore_options(sys.argv[1:] if argv is None else argv))
+    configure_logging()
+    make_convert_cli(argv)

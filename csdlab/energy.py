@@ -1,12 +1,19 @@
-"""Energy estimate of an SNN against its ANN (METHODS 3), the field's 45 nm convention.
+"""Energy estimate of an SNN against its ANN (docs/methods.md §3), the field's 45 nm convention.
 
 ``E_SNN / E_ANN = (MACs_SNN * E_MAC + ACs_SNN * E_AC) / (MACs_ANN * E_MAC)``.
 
 * A Conv2d / Linear fed by analog values (the image, the head's readout) costs its dense MACs.
-* A Conv2d / Linear fed by events costs one AC per (non-zero input) x (fan-out), i.e. its dense
-  MAC count times the non-zero fraction of its input, summed over every time step it runs.
+* A Conv2d / Linear fed by events costs one AC per (non-zero input event) x (its actual fan-out):
+  for a Linear every event reaches ``out_features`` outputs; for a convolution an event reaches
+  only the output positions whose window covers it, which near the border is fewer than
+  ``kh * kw`` (padding). The count is exact: a convolution of the event mask with a ones kernel
+  gives, per output position, the events in its window (SpikingJelly 2.0's ``op_counter`` counts
+  spiking convolutions the same way; a test checks the two agree).
 * Any other module counts itself by defining ``count_ops(inputs, output) -> (macs, acs)``
-  (the TDEC spike products, the ECMT matrix-product EC, ...).
+  (the TDEC spike products, the ECMT matrix-product EC, the MBE products, ...); the counter does
+  not descend into such a module.
+
+Counts are kept per time step, so the evaluation can report the energy spent up to every ``t``.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ["E_MAC_PJ", "E_AC_PJ", "LayerOps", "OpCounter", "dense_macs", "ann_macs", "energy_ratio"]
+__all__ = ["E_MAC_PJ", "E_AC_PJ", "LayerOps", "OpCounter", "dense_macs", "synaptic_events", "ann_macs",
+           "energy_ratio"]
 
 E_MAC_PJ = 4.6  # pJ per 32-bit multiply-accumulate (45 nm)
 E_AC_PJ = 0.9  # pJ per 32-bit accumulate (45 nm)
@@ -27,7 +36,7 @@ E_AC_PJ = 0.9  # pJ per 32-bit accumulate (45 nm)
 
 @dataclass
 class LayerOps:
-    """Operations one layer performed, summed over every call (time step) and sample."""
+    """Operations summed over samples (and over steps, unless per-step tensors are kept)."""
 
     macs: float = 0.0
     acs: float = 0.0
@@ -47,63 +56,155 @@ def dense_macs(module: nn.Module, output: Tensor) -> float:
     raise TypeError(f"dense_macs takes nn.Conv2d or nn.Linear, got {type(module).__name__}")
 
 
+def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
+    """Synaptic operations of an event-driven Conv2d / Linear: for every sample (dim 0) of ``x``,
+    the sum over non-zero input entries of the number of outputs each one reaches. ``[N]``, float64.
+
+    Args:
+        module: the ``nn.Conv2d`` or ``nn.Linear`` layer.
+        x: its input, ``[N, ...]`` (a leading batch-like dimension, e.g. ``T*B`` or ``B``).
+    """
+    mask = (x != 0)
+    if isinstance(module, nn.Linear):
+        return mask.flatten(1).sum(1, dtype=torch.float64) * module.out_features
+    if isinstance(module, nn.Conv2d):
+        mask = mask.to(torch.float32)
+        padding: Any = module.padding
+        if module.padding_mode != "zeros":  # padded copies of border events also reach outputs
+            mask = F.pad(mask, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        g = module.groups
+        ones = torch.ones(g, module.in_channels // g, *module.kernel_size, device=x.device)
+        # events inside each output position's window, per group: [N, g, H', W']
+        occupancy = F.conv2d(mask, ones, None, module.stride, padding, module.dilation, g)
+        return occupancy.flatten(1).sum(1, dtype=torch.float64) * (module.out_channels // g)
+    raise TypeError(f"synaptic_events takes nn.Conv2d or nn.Linear, got {type(module).__name__}")
+
+
+def _per_step(values: Tensor | float, steps: int, step: int | None) -> Tensor:
+    """Spread a count onto a ``[steps]`` vector: a per-step tensor stays, a scalar goes to ``step``
+    (the current call in single-step mode) or, in multi-step mode, to the last step."""
+    out = torch.zeros(steps, dtype=torch.float64)
+    if isinstance(values, Tensor) and values.numel() == steps and values.dim() == 1:
+        return values.detach().to("cpu", torch.float64)
+    out[steps - 1 if step is None else step] = float(values)
+    return out
+
+
 class OpCounter:
-    """Counts MACs and ACs per layer with forward hooks while it is entered.
+    """Counts MACs and ACs per layer and per time step with forward hooks while it is entered.
 
     Args:
         model: the network to watch.
-        analog: the Conv2d / Linear modules whose input is analog (they cost MACs); every other
-            Conv2d / Linear is taken to be fed by events (spikes) and costs ACs.
+        analog: the Conv2d / Linear modules whose input is analog (they cost dense MACs).
+        steps: time steps T of one simulation (the length of the per-step counts).
+        time_flattened: layers run once on a ``[T*B, ...]`` batch (multi-step); False: each call
+            of a layer is the next step (single-step), restarted by :meth:`new_sample`.
     """
 
-    def __init__(self, model: nn.Module, analog: Iterable[nn.Module] = ()) -> None:
+    def __init__(self, model: nn.Module, analog: Iterable[nn.Module] = (), steps: int = 1,
+                 time_flattened: bool = False) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         self.model = model
+        self.steps = steps
+        self.time_flattened = time_flattened
         self._analog = {id(m) for m in analog}
-        self.layers: dict[str, LayerOps] = {}
+        # per layer: [2, steps] = (MACs, ACs) per step, summed over samples
+        self.layers: dict[str, Tensor] = {}
+        self._calls: dict[str, int] = {}
         self._handles: list[Any] = []
 
-    def _hook(self, name: str, module: nn.Module):
-        ops = self.layers.setdefault(name, LayerOps())
+    def _step_of(self, name: str) -> int | None:
+        if self.time_flattened:
+            return None
+        k = self._calls.get(name, 0)
+        if k >= self.steps:
+            raise RuntimeError(f"layer {name} was called {k + 1} times in a {self.steps}-step simulation; "
+                               "call OpCounter.new_sample() before each simulation")
+        self._calls[name] = k + 1
+        return k
 
+    def _split(self, per_row: Tensor) -> Tensor:
+        # [T*B] per-row counts -> [T] per-step counts
+        return per_row.view(self.steps, -1).sum(1).cpu()
+
+    def _hook(self, name: str):
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            step = self._step_of(name)
+            ops = self.layers.setdefault(name, torch.zeros(2, self.steps, dtype=torch.float64))
             if hasattr(mod, "count_ops"):
                 macs, acs = mod.count_ops(inputs, output)
-                ops.macs += float(macs)
-                ops.acs += float(acs)
+                ops[0] += _per_step(macs, self.steps, step)
+                ops[1] += _per_step(acs, self.steps, step)
                 return
-            dense = dense_macs(mod, output)
+            x = inputs[0]
             if id(mod) in self._analog:
-                ops.macs += dense
+                dense = dense_macs(mod, output)
+                if step is None:
+                    ops[0] += dense / self.steps  # the same dense call at every step
+                else:
+                    ops[0, step] += dense
+            elif step is None:
+                ops[1] += self._split(synaptic_events(mod, x))
             else:
-                x = inputs[0]
-                ops.acs += dense * float(torch.count_nonzero(x)) / max(x.numel(), 1)
+                ops[1, step] += float(synaptic_events(mod, x).sum())
 
         return hook
 
-    def __enter__(self) -> "OpCounter":
-        for name, m in self.model.named_modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "count_ops"):
-                self._handles.append(m.register_forward_hook(self._hook(name, m)))
+    def __enter__(self) -> OpCounter:
+        self._watch(self.model, "")
         return self
+
+    def _watch(self, module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            qual = prefix + name
+            if hasattr(child, "count_ops") or isinstance(child, (nn.Conv2d, nn.Linear)):
+                self._handles.append(child.register_forward_hook(self._hook(qual)))
+                if hasattr(child, "count_ops"):
+                    continue  # it counts its own inner layers
+            self._watch(child, qual + ".")
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
+    def new_sample(self) -> None:
+        """Start a new simulation (single-step mode counts calls from here)."""
+        self._calls.clear()
+
     def reset(self) -> None:
-        for ops in self.layers.values():
-            ops.macs = ops.acs = 0.0
+        self.layers.clear()
+        self._calls.clear()
+
+    @property
+    def per_step(self) -> Tensor:
+        """``[2, steps]``: (MACs, ACs) of each step, summed over layers and samples."""
+        if not self.layers:
+            return torch.zeros(2, self.steps, dtype=torch.float64)
+        return torch.stack(list(self.layers.values())).sum(0)
 
     @property
     def total(self) -> LayerOps:
-        return LayerOps(sum(o.macs for o in self.layers.values()), sum(o.acs for o in self.layers.values()))
+        macs, acs = self.per_step.sum(1).tolist()
+        return LayerOps(macs, acs)
+
+
+def _cpu_sdpa_flop(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    # torch's FLOP counter knows the CUDA attention kernels but not the CPU one timm's fused
+    # attention dispatches to: without this the two attention products count as 0
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
 
 
 @torch.no_grad()
 def ann_macs(model: nn.Module, x: Tensor) -> float:
-    """Dense MACs of one ANN forward on ``x`` (all matmuls and convs, attention products included)."""
-    with FlopCounterMode(display=False) as fc:
+    """Dense MACs of one ANN forward on ``x``: every conv, matmul and linear, the attention
+    products included (also when timm runs them as one fused attention kernel)."""
+    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as fc:
         model(x)
     return fc.get_total_flops() / 2
 

@@ -29,12 +29,14 @@ from spikingjelly.activation_based import functional
 from torch import Tensor, nn
 
 from csdlab.convert.passes import fold_batchnorm_, scale_input_, swap_modules
+from csdlab.eval.api import Converter, SpikingModel
+from csdlab.eval.metrics import check_finite
 from csdlab.models.csdformer import Attention, CSDformer, MatMul, Mlp, TokenizerStage
 from csdlab.quant.lsq import ActQuantizer, LSQQuantizer, QCFSQuantizer
 from csdlab.snn.neurons import DelayedIFNode
 from csdlab.snn.tdec import TDECMatMul, TDECMaxPool2d
 
-__all__ = ["TimeFlattened", "SpikingCSDformer", "convert_csdformer", "save_snn", "load_snn"]
+__all__ = ["TimeFlattened", "SpikingCSDformer", "CSDformerConverter", "convert_csdformer", "save_snn", "load_snn"]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,11 @@ class TimeFlattened(nn.Module):
         return f"time_steps={self.time_steps}"
 
 
-class SpikingCSDformer(nn.Module):
-    """The converted network: images in, the head's logits averaged over the T output slots out.
+class SpikingCSDformer(SpikingModel):
+    """The converted network: images in, the head's logits averaged over output slots 1..t out.
 
-    With ``delay >= T - 1`` (and ``T = L``) the output equals the QANN's logits.
+    ``T`` output slots after ``D`` delay steps (latency ``T + D``, docs/methods.md §1.4). With
+    ``delay >= T - 1`` (and ``T = L``) the readout after slot T equals the QANN's logits.
 
     Args:
         model: the rewritten CSDformer (neurons, TDEC operators, folded BN).
@@ -78,9 +81,14 @@ class SpikingCSDformer(nn.Module):
         super().__init__()
         self.model = model
         self.time_steps = time_steps
+        self.readout_steps = list(range(1, time_steps + 1))
         self.delay = delay
         self.levels = levels
         self.config = dict(config or {})
+
+    @property
+    def latency(self) -> int:
+        return self.time_steps + self.delay
 
     @property
     def first_conv(self) -> nn.Conv2d:
@@ -92,24 +100,29 @@ class SpikingCSDformer(nn.Module):
         """The classifier that reads the analog GAP of the residual stream."""
         return self.model.head
 
+    def sites(self) -> dict[str, nn.Module]:
+        # readable names: blocks.0.attn.act_q (the wrappers stripped)
+        return {name.removeprefix("model.").replace(".module", ""): m
+                for name, m in self.named_modules() if isinstance(m, DelayedIFNode)}
+
+    def analog_layers(self) -> list[nn.Module]:
+        return [self.first_conv, self.head]
+
+    def time_flattened(self) -> bool:
+        return True
+
     def train(self, mode: bool = True) -> SpikingCSDformer:
         # inference only: dropout / drop-path in training mode would break the exact conversion
         return super().train(False)
 
-    def forward(self, images: Tensor, per_slot: bool = False) -> Tensor:
-        """Simulate T + D steps on ``images`` ``[B, C, H, W]``.
-
-        Args:
-            images: the analog input, fed to the first conv at every step.
-            per_slot: return ``[T, B, K]``, the mean of the head's output over slots 1..t, instead of
-                ``[B, K]`` (the last of those).
-        """
+    def forward(self, images: Tensor) -> Tensor:
+        """Simulate T + D steps on ``images`` ``[B, C, H, W]`` (the analog input, fed to the first
+        conv at every step); returns ``[T, B, K]``, the mean of the head's output over slots 1..t."""
+        check_finite(images, "image batch")
         functional.reset_net(self.model)  # every call is a fresh sequence
         T = self.time_steps
         x = images.unsqueeze(0).expand(T, *images.shape).flatten(0, 1)  # [T*B, C, H, W]
         slots = self.model(x).unflatten(0, (T, -1))  # [T, B, K]: head output per output slot
-        if not per_slot:
-            return slots.mean(0)
         t = torch.arange(1, T + 1, dtype=slots.dtype, device=slots.device).view(T, 1, 1)
         return slots.cumsum(0) / t
 
@@ -186,7 +199,8 @@ def convert_csdformer(qann: CSDformer, time_steps: int | None = None, delay: int
         raise ValueError(f"time_steps must be an integer >= 1, got {T!r}")
     if T != levels and not allow_time_steps_mismatch:
         raise ValueError(f"time_steps={T} differs from the QANN's quantization levels L={levels}: the SNN "
-                         "is exact only for T = L; pass allow_time_steps_mismatch=True to override")
+                         "is exact only for T = L; pass allow_time_steps_mismatch=True to override "
+                         "(convert.py: --model.converter.allow_time_steps_mismatch true)")
     D = T - 1 if delay is None else delay
     if not isinstance(D, int) or D < 0:
         raise ValueError(f"delay must be an integer >= 0 (0 = plain IF), got {D!r}")
@@ -215,6 +229,45 @@ def convert_csdformer(qann: CSDformer, time_steps: int | None = None, delay: int
     log.info("converted CSDformer: %d BN folded, %d neurons, %d TDEC ops, T=%d, D=%d", len(folded),
              n_neurons, len(swapped) - n_neurons, T, D)
     return SpikingCSDformer(snn, T, D, levels, config).eval()
+
+
+class CSDformerConverter(Converter):
+    """Exact conversion of a quantized CSDformer (docs/methods.md §1.3-1.4), one variant per delay.
+
+    Args:
+        delay: the DIF delay D of the main variant (T - 1 = 3 is the smallest exact one for L = 4).
+        delays: more delays to evaluate; default: ``delay`` and 0 (the plain IF neuron).
+        time_steps: T (default: the quantization levels L; other values need
+            ``allow_time_steps_mismatch``).
+        allow_time_steps_mismatch: allow T != L (the SNN then no longer equals the QANN).
+    """
+
+    name = "csdformer"
+    reference_name = "QANN"
+
+    def __init__(self, delay: int = 3, delays: list[int] | None = None, time_steps: int | None = None,
+                 allow_time_steps_mismatch: bool = False) -> None:
+        all_delays = {delay, 0} if delays is None else {delay, *delays}
+        bad = [d for d in all_delays if not isinstance(d, int) or isinstance(d, bool) or d < 0]
+        if bad:
+            raise ValueError(f"delays must be integers >= 0 (0 = plain IF), got {sorted(map(str, bad))}")
+        if time_steps is not None and (not isinstance(time_steps, int) or time_steps < 1):
+            raise ValueError(f"time_steps must be an integer >= 1 (or None for T = L), got {time_steps!r}")
+        self.delays = sorted(all_delays)
+        self.time_steps = time_steps
+        self.allow_time_steps_mismatch = allow_time_steps_mismatch
+
+    def check(self, model: nn.Module) -> None:
+        levels = _quantizer_levels(model)
+        T = levels if self.time_steps is None else self.time_steps
+        if T != levels and not self.allow_time_steps_mismatch:
+            raise ValueError(f"time_steps={T} differs from the QANN's quantization levels L={levels}: the SNN is "
+                             "exact only for T = L; drop time_steps, or set allow_time_steps_mismatch: true "
+                             "(--model.converter.allow_time_steps_mismatch true)")
+
+    def convert(self, model: nn.Module) -> dict[str, SpikingModel]:
+        return {f"D{d}": convert_csdformer(model, self.time_steps, d, self.allow_time_steps_mismatch)
+                for d in self.delays}
 
 
 def save_snn(snn: SpikingCSDformer, path: str | Path) -> Path:

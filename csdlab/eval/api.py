@@ -58,6 +58,11 @@ class SpikingModel(nn.Module, ABC):
         (macs, acs)`` (floats, or 1-D tensors with one entry per time step) counts itself and the
         counter does not descend into its children."""
 
+    @property
+    def latency(self) -> int:
+        """Steps from the first input to the last readout (CSDformer: T + D)."""
+        return int(self.time_steps)
+
     def time_flattened(self) -> bool:
         """True when layers run once on a ``[T*B, ...]`` batch (multi-step), False when they are
         called once per step on ``[B, ...]``; the op counter splits counts per step accordingly."""
@@ -73,6 +78,8 @@ class Converter(ABC):
 
     #: short method name used in keys, file names and logs (``csdformer``, ``ecmt``, ``mbe``)
     name: str = "snn"
+    #: what the SNN is compared with (agreement, logit error): the converted network itself
+    reference_name: str = "ANN"
 
     def check(self, model: nn.Module) -> None:
         """Raise ``ValueError`` (naming the problem and the fix) if ``model`` cannot be converted.

@@ -1,4 +1,4 @@
-"""The spike-driven check (METHODS 1.4): is every layer input of the SNN a binary spike tensor?"""
+"""The spike-driven check (docs/methods.md §1.4): is every layer input of the SNN a binary spike tensor?"""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from csdlab.snn.tdec import TDECMatMul
-
 __all__ = ["LayerCheck", "SpikeDrivenReport", "spike_driven_check", "is_binary"]
 
-# layers whose inputs must be spikes: weight layers and the TDEC products
-CHECKED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear, TDECMatMul)
+# layers whose inputs must be spikes: weight layers, and every operator that counts its own
+# operations (the products of two spike trains: TDEC, EC, MBE)
+CHECKED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+
+def _checked(m: nn.Module) -> bool:
+    return isinstance(m, CHECKED_TYPES) or hasattr(m, "count_ops")
 
 
 def is_binary(x: Tensor) -> bool:
@@ -73,7 +76,7 @@ def spike_driven_check(model: nn.Module, run: Callable[[nn.Module], Any],
         return fn
 
     for name, m in model.named_modules():
-        if isinstance(m, CHECKED_TYPES):
+        if _checked(m):
             check = LayerCheck(name, type(m).__name__, exempt=id(m) in exempt_ids)
             report.layers.append(check)
             handles.append(m.register_forward_pre_hook(hook(check)))

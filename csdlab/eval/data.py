@@ -1,0 +1,126 @@
+"""Data of a conversion run: calibration batches (training images) and the evaluation split,
+both split between processes without padding, so 1 and N processes score the same images."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from csdlab.lit.data import ImageDataModule
+
+__all__ = ["ConversionData"]
+
+log = logging.getLogger(__name__)
+
+
+def _image_data(**kwargs: Any) -> ImageDataModule:
+    # LightningCLI hands the hyper-parameters of the class it instantiates (ConversionData) to every
+    # save_hyperparameters() call inside it through a context variable; the inner data module must
+    # record its own arguments instead
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        return ImageDataModule(**kwargs)
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+class ConversionData(L.LightningDataModule):
+    """Calibration batches and the evaluation split for ``convert.py``.
+
+    Args:
+        dataset: ``digits``, ``fashion_mnist``, ``cifar10``, ``cifar100`` or ``imagenet``
+            (default: the dataset recorded in a ``train.py`` checkpoint).
+        data_dir: dataset root.
+        split: ``test`` (the test set) or ``val`` (the held-out part of the training set).
+        batch_size: images per batch and process (calibration batches too).
+        num_workers: data-loading workers.
+        limit: score only the first ``limit`` images of the split (None: all); the table and
+            JSON say how many were scored.
+        calib_batches: calibration batches of training images (shared between processes, batch
+            by batch, so the figures do not depend on the world size).
+        img_size: input resolution (default: the checkpoint's, else the dataset's).
+        model_data: the data settings the model expects (recorded dataset, split seed, and
+            normalisation); filled in from ``model`` by the command line.
+    """
+
+    def __init__(self, dataset: str | None = None, data_dir: str = "data", split: str = "test",
+                 batch_size: int = 128, num_workers: int = 0, limit: int | None = None, calib_batches: int = 8,
+                 img_size: int | None = None, model_data: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if split not in ("test", "val"):
+            raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 image (or None for all), got {limit}")
+        if calib_batches < 0:
+            raise ValueError(f"calib_batches must be >= 0, got {calib_batches}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.split, self.limit, self.calib_batches = split, limit, calib_batches
+        recorded = dict(model_data or {})
+        name = dataset or recorded.get("dataset")
+        if name is None:
+            raise ValueError("which dataset? the model does not record one: pass --data.dataset "
+                             "(digits, fashion_mnist, cifar10, cifar100, imagenet)")
+        # the split seed / fraction and the normalisation follow training (or the hub weights)
+        accepted = inspect.signature(ImageDataModule).parameters
+        settings = {k: v for k, v in recorded.items() if k in accepted and k not in ("dataset", "data_dir",
+                    "batch_size", "num_workers", "augment", "download", "img_size")}
+        self.images = _image_data(dataset=name, data_dir=data_dir, batch_size=batch_size, num_workers=num_workers,
+                                  augment=False, img_size=img_size or recorded.get("img_size"), **settings)
+
+    @property
+    def dataset(self) -> str:
+        return self.images.hparams.dataset
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.num_classes
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def prepare_data(self) -> None:
+        self.images.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.images.setup()
+
+    def calibration_batches(self) -> Iterator[Tensor]:
+        """This process's share of the calibration batches (images only)."""
+        rank, world = self._rank_world()
+        if 0 < self.calib_batches < world:
+            raise ValueError(f"calib_batches ({self.calib_batches}) must be >= the number of processes ({world})")
+        seen = 0
+        for i, (x, _) in enumerate(self.images.calibration_dataloader()):
+            if i >= self.calib_batches:
+                break
+            seen += 1
+            if i % world == rank:
+                yield x
+        if seen < self.calib_batches and rank == 0:
+            log.warning("only %d of %d calibration batches available", seen, self.calib_batches)
+
+    def _eval_set(self) -> Any:
+        self.images.setup()
+        return self.images.test_set if self.split == "test" else self.images.val_set
+
+    def num_images(self) -> int:
+        """Images the evaluation scores (the limit applied)."""
+        n = len(self._eval_set())
+        return n if self.limit is None else min(self.limit, n)
+
+    def test_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        hp = self.images.hparams
+        # every world-th image from this rank's offset: no padding, no repeats
+        return DataLoader(Subset(self._eval_set(), range(rank, self.num_images(), world)),
+                          batch_size=hp.batch_size, shuffle=False, num_workers=hp.num_workers)

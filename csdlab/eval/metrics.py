@@ -1,0 +1,193 @@
+"""Everything measured about a converted network, for every converter: one ``nn.Module`` of
+torchmetrics states (reduced across DDP ranks by torchmetrics), fed batch by batch.
+
+Figures (fractions, never percent; ``{v}`` is a variant label such as ``D3`` or ``T16``, ``{t}``
+a readout step):
+
+================================  ============================================================
+``samples``                        images scored
+``ref/top1``                       the reference network (QANN for CSDformer, ANN otherwise)
+``ann/top1``                       a float ANN scored alongside (when given)
+``snn/{v}/top1``                   the SNN's final readout
+``snn/{v}/top1_t{t}``              the readout after step t
+``snn/{v}/agreement``              argmax equal to the reference's
+``snn/{v}/logit_error[_t{t}]``     mean |SNN logit - reference logit|
+``snn/{v}/max_logit_diff``         largest |SNN logit - reference logit|
+``snn/{v}/firing_rate[/{site}]``   spikes per neuron per step (all sites / one site)
+``energy/{v}/ratio[_t{t}]``        E_SNN / E_ANN, ops of steps 1..t (docs/methods.md §3)
+``energy/{v}/snn_macs``, ``_acs``  per image, whole simulation
+``energy/ann_macs``                dense MACs of one ANN forward, per image
+================================  ============================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric, Metric
+from torchmetrics.classification import MulticlassAccuracy
+
+from csdlab.energy import E_AC_PJ, E_MAC_PJ, OpCounter, ann_macs
+from csdlab.eval.api import SpikingModel
+
+__all__ = ["VectorSum", "ConversionMetrics", "FiringCounter", "check_finite"]
+
+
+class VectorSum(Metric):
+    """Element-wise sum of fixed-size vectors, summed across ranks (float64 counters)."""
+
+    full_state_update = False
+
+    def __init__(self, size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor) -> None:
+        self.total += values.detach().to(self.total)
+
+    def compute(self) -> Tensor:
+        return self.total
+
+
+class FiringCounter:
+    """Counts events and neuron-steps at each site while entered (forward hooks).
+
+    A site with ``count_events(inputs, output)`` counts itself; otherwise events are the non-zero
+    entries of its output and neuron-steps its ``numel``. Counts stay on the device (no host sync).
+    """
+
+    def __init__(self, sites: Mapping[str, nn.Module], device: torch.device | str = "cpu") -> None:
+        self.sites = dict(sites)
+        self.counts = torch.zeros(2, len(self.sites), dtype=torch.float64, device=device)
+        self._handles: list[Any] = []
+
+    def _hook(self, i: int):
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            if hasattr(mod, "count_events"):
+                events, steps = mod.count_events(inputs, output)
+            else:
+                events, steps = torch.count_nonzero(output), output.numel()
+            self.counts[0, i] += events
+            self.counts[1, i] += steps
+        return hook
+
+    def __enter__(self) -> FiringCounter:
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.sites.values())]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def check_finite(x: Tensor, what: str = "input batch") -> None:
+    """Refuse NaN / inf inputs: a neuron's ``v >= theta`` is False for NaN, so an SNN would turn
+    them into silence and finite, wrong logits where the ANN gives NaN."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"the {what} holds {bad} NaN/inf values: an SNN would silently read them as no "
+                         "input; clean the data (check the dataset files and the normalisation)")
+
+
+class ConversionMetrics(nn.Module):
+    """Accumulates every figure of the module docstring over batches.
+
+    Args:
+        num_classes: classifier outputs.
+        variants: the spiking variants by label (their readout steps and sites fix the metrics).
+        with_ann: a float ANN is scored alongside the reference.
+    """
+
+    def __init__(self, num_classes: int, variants: Mapping[str, SpikingModel], with_ann: bool = False) -> None:
+        super().__init__()
+        self.labels = list(variants)
+        self.readout_steps = {v: list(s.readout_steps) for v, s in variants.items()}
+        self.time_steps = {v: int(s.time_steps) for v, s in variants.items()}
+        self.site_names = {v: list(s.sites()) for v, s in variants.items()}
+        self.with_ann = with_ann
+
+        def acc() -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes, average="micro")
+
+        self.ref_top1 = acc()
+        self.ann_top1 = acc() if with_ann else None
+        self.top1 = nn.ModuleDict({v: nn.ModuleList(acc() for _ in self.readout_steps[v]) for v in self.labels})
+        self.logit_error = nn.ModuleDict({v: nn.ModuleList(MeanMetric() for _ in self.readout_steps[v])
+                                          for v in self.labels})
+        self.agreement = nn.ModuleDict({v: MeanMetric() for v in self.labels})
+        self.max_diff = nn.ModuleDict({v: MaxMetric() for v in self.labels})
+        # per variant: events per site, then neuron-steps per site
+        self.firing = nn.ModuleDict({v: VectorSum(2 * len(self.site_names[v])) for v in self.labels})
+        # per variant: MACs per step, then ACs per step (summed over images)
+        self.ops = nn.ModuleDict({v: VectorSum(2 * self.time_steps[v]) for v in self.labels})
+        self.ann_ops = VectorSum(2)  # ANN MACs, images
+        self._ann_macs_per_image: float | None = None
+
+    @torch.no_grad()
+    def update(self, x: Tensor, y: Tensor, reference: nn.Module, snns: Mapping[str, SpikingModel],
+               ann: nn.Module | None = None) -> None:
+        """Score one batch: the reference, the optional ANN and every spiking variant."""
+        check_finite(x)
+        # full precision even inside an AMP loop: half-precision sums would break exact integer
+        # products and the level boundaries an SNN must reproduce
+        with torch.autocast(x.device.type, enabled=False):
+            ref = reference(x)
+            self.ref_top1.update(ref, y)
+            if ann is not None and self.ann_top1 is not None:
+                self.ann_top1.update(ann(x), y)
+            if self._ann_macs_per_image is None:
+                # dense MACs do not depend on the data: count once, on one image
+                self._ann_macs_per_image = ann_macs(reference, x[:1])
+            self.ann_ops.update(torch.tensor([self._ann_macs_per_image * len(x), float(len(x))]))
+            for v in self.labels:
+                self._update_variant(v, snns[v], x, y, ref)
+
+    def _update_variant(self, v: str, snn: SpikingModel, x: Tensor, y: Tensor, ref: Tensor) -> None:
+        ops = OpCounter(snn, analog=snn.analog_layers(), steps=self.time_steps[v],
+                        time_flattened=snn.time_flattened())
+        with FiringCounter(snn.sites(), device=x.device) as firing, ops:
+            readout = snn(x)  # [len(readout_steps), B, K]
+        if readout.shape[0] != len(self.readout_steps[v]):
+            raise RuntimeError(f"variant {v} returned {readout.shape[0]} readouts, expected "
+                               f"{len(self.readout_steps[v])} (its readout_steps)")
+        for i, logits in enumerate(readout):
+            self.top1[v][i].update(logits, y)
+            self.logit_error[v][i].update((logits - ref).abs().mean(dim=1))
+        final = readout[-1]
+        self.agreement[v].update((final.argmax(-1) == ref.argmax(-1)).float())
+        self.max_diff[v].update((final - ref).abs().max())
+        self.firing[v].update(firing.counts.flatten())
+        self.ops[v].update(ops.per_step.flatten())
+
+    def compute(self) -> dict[str, float]:
+        """Every figure as a float (identical on every rank)."""
+        ann_macs_total, images = self.ann_ops.compute().tolist()
+        out: dict[str, float] = {"samples": images, "ref/top1": float(self.ref_top1.compute()),
+                                 "energy/ann_macs": ann_macs_total / max(images, 1)}
+        if self.ann_top1 is not None:
+            out["ann/top1"] = float(self.ann_top1.compute())
+        for v in self.labels:
+            steps = self.readout_steps[v]
+            for i, t in enumerate(steps):
+                out[f"snn/{v}/top1_t{t}"] = float(self.top1[v][i].compute())
+                out[f"snn/{v}/logit_error_t{t}"] = float(self.logit_error[v][i].compute())
+            out[f"snn/{v}/top1"] = out[f"snn/{v}/top1_t{steps[-1]}"]
+            out[f"snn/{v}/logit_error"] = out[f"snn/{v}/logit_error_t{steps[-1]}"]
+            out[f"snn/{v}/agreement"] = float(self.agreement[v].compute())
+            out[f"snn/{v}/max_logit_diff"] = float(self.max_diff[v].compute())
+            counts = self.firing[v].compute().view(2, -1)
+            out[f"snn/{v}/firing_rate"] = float(counts[0].sum() / counts[1].sum().clamp(min=1))
+            for name, (events, n) in zip(self.site_names[v], counts.T.tolist(), strict=True):
+                out[f"snn/{v}/firing_rate/{name}"] = events / max(n, 1)
+            macs, acs = self.ops[v].compute().view(2, -1)
+            energy = (macs * E_MAC_PJ + acs * E_AC_PJ).cumsum(0) / max(ann_macs_total * E_MAC_PJ, 1e-30)
+            for t in steps:
+                out[f"energy/{v}/ratio_t{t}"] = float(energy[t - 1])
+            out[f"energy/{v}/ratio"] = float(energy[-1])
+            out[f"energy/{v}/snn_macs"] = float(macs.sum()) / max(images, 1)
+            out[f"energy/{v}/snn_acs"] = float(acs.sum()) / max(images, 1)
+        return out
