@@ -1,5 +1,7 @@
-"""Lightning callbacks: the side jobs around training (checks, conversion, reporting)."""
+"""Lightning callbacks: the side jobs around training and conversion (checks, conversion, reporting)."""
 
+from csdlab.callbacks.conversion import ConversionCallback
 from csdlab.callbacks.replicas import ReplicaConsistency
+from csdlab.callbacks.report import ConversionReport
 
-__all__ = ["ReplicaConsistency"]
+__all__ = ["ConversionCallback", "ConversionReport", "ReplicaConsistency"]

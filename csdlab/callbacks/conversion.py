@@ -1,57 +1,32 @@
-"""Lightning callback: convert the model being trained into its SNN and measure it (issue 3, item 4).
+"""Lightning callback: convert the CSDformer being trained into its SNN and measure it.
 
 On the last validation of ``fit`` (and every ``every_n_epochs`` epochs if set) and on every
-``test``, a copy of ``pl_module.model`` is converted once per delay D and scored on the same
-batches as the QANN. Figures are logged through ``pl_module.log_dict`` (so W&B or any logger gets
-them; torchmetrics reduces them across ranks), under ``conversion/{val,test}/...``:
-``snn/top1_D{D}``, ``snn/agreement_D{D}``, ``snn/max_logit_diff_D{D}``, firing rates per layer,
-``energy/ratio_D{D}``; plots of accuracy vs D / vs time step and of the firing rates go to
-``<log_dir>/conversion/`` and, for a ``WandbLogger``, to W&B as images.
+``test``, a copy of ``pl_module.model`` is converted once per delay D
+(:class:`csdlab.convert.csdformer.CSDformerConverter`) and scored on the same batches as the QANN by
+the one evaluation path (:class:`csdlab.eval.ConversionMetrics`). Figures go through
+``pl_module.log_dict`` under ``conversion/{val,test}/`` with the evaluation's keys
+(``snn/D3/agreement``, ``energy/D3/ratio``, ...); plots go to ``<log_dir>/conversion/`` and, with a
+``WandbLogger``, to W&B.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from csdlab.convert.csdformer import SpikingCSDformer, convert_csdformer
-from csdlab.lit.snn_eval import ConversionEvaluator, neuron_layers
-from csdlab.report import plot_bars, plot_curves
+from csdlab.callbacks.report import log_images
+from csdlab.convert.csdformer import CSDformerConverter
+from csdlab.eval.api import SpikingModel
+from csdlab.eval.metrics import ConversionMetrics
+from csdlab.eval.report import plot_report
 
-__all__ = ["ConversionCallback", "plot_conversion"]
-
-log = logging.getLogger(__name__)
-
-
-def plot_conversion(results: dict[str, float], delays: Sequence[int], time_steps: int, out_dir: str | Path,
-                    prefix: str = "") -> list[Path]:
-    """Accuracy vs delay D, accuracy vs time step t (one curve per D), firing rate per layer at the
-    largest D; ``results`` as computed by :class:`ConversionEvaluator`. Returns the image paths."""
-    out_dir = Path(out_dir)
-    qann = {"QANN": 100 * results["qann/top1"]}
-    ds = sorted(delays)
-    paths = [
-        plot_curves({"SNN": (ds, [100 * results[f"snn/top1_D{d}"] for d in ds])}, out_dir / f"{prefix}acc_vs_delay.png",
-                    xlabel="delay D", ylabel="top-1 (%)", title=f"SNN accuracy vs delay (T={time_steps})",
-                    hlines=qann),
-        plot_curves({f"D={d}": (range(1, time_steps + 1),
-                                [100 * results[f"snn/top1_D{d}_t{t}"] for t in range(1, time_steps + 1)])
-                     for d in ds}, out_dir / f"{prefix}acc_vs_time.png", xlabel="output slot t",
-                    ylabel="top-1 (%)", title="readout averaged over slots 1..t", hlines=qann),
-    ]
-    key = f"snn/firing_rate_D{ds[-1]}/"
-    rates = {k.removeprefix(key): v for k, v in results.items() if k.startswith(key)}
-    paths.append(plot_bars(rates, out_dir / f"{prefix}firing_rate.png", ylabel="spikes / neuron / step",
-                           title=f"firing rate per layer (D={ds[-1]})"))
-    return paths
+__all__ = ["ConversionCallback"]
 
 
 class ConversionCallback(Callback):
@@ -67,16 +42,15 @@ class ConversionCallback(Callback):
     def __init__(self, delays: Sequence[int] = (0, 1, 2, 3), every_n_epochs: int = 0,
                  time_steps: int | None = None, plots: bool = True) -> None:
         super().__init__()
-        if not delays or any(int(d) < 0 for d in delays):
-            raise ValueError(f"delays must be a non-empty list of integers >= 0, got {delays!r}")
+        if not delays:
+            raise ValueError("delays must be a non-empty list of integers >= 0, got []")
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0 (0 = only at the end of fit), got {every_n_epochs}")
-        self.delays = sorted(set(int(d) for d in delays))
+        self.converter = CSDformerConverter(delay=max(delays), delays=list(delays), time_steps=time_steps)
         self.every_n_epochs = every_n_epochs
-        self.time_steps = time_steps
         self.plots = plots
-        self._snns: dict[int, SpikingCSDformer] | None = None
-        self._evaluator: ConversionEvaluator | None = None
+        self._snns: dict[str, SpikingModel] | None = None
+        self._metrics: ConversionMetrics | None = None
         self.last_results: dict[str, float] = {}
 
     @staticmethod
@@ -89,7 +63,7 @@ class ConversionCallback(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # fail at the start of the run, not after hours of training
-        convert_csdformer(self._model(pl_module), self.time_steps, self.delays[0])
+        self.converter.check(self._model(pl_module))
 
     def _should_run(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -102,38 +76,33 @@ class ConversionCallback(Callback):
 
     def _start(self, pl_module: L.LightningModule) -> None:
         qann = self._model(pl_module)
-        self._snns = {d: convert_csdformer(qann, self.time_steps, d) for d in self.delays}
-        first = self._snns[self.delays[0]]
-        self._evaluator = ConversionEvaluator(qann.num_classes, self.delays, first.time_steps,
-                                              [n for n, _ in neuron_layers(first)]).to(pl_module.device)
+        self._snns = self.converter.convert(qann)
+        self._metrics = ConversionMetrics(qann.num_classes, self._snns).to(pl_module.device)
 
     def _update(self, pl_module: L.LightningModule, batch: tuple[Tensor, Tensor]) -> None:
-        if self._evaluator is None:
+        if self._metrics is None:
             return
         x, y = batch
         model = self._model(pl_module)
         was_training = model.training
         model.eval()
-        self._evaluator.update(x, y, model, self._snns)
+        self._metrics.update(x, y, model, self._snns)
         model.train(was_training)
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._evaluator is None:
+        if self._metrics is None:
             return
-        results = self._evaluator.compute()
-        time_steps = self._evaluator.time_steps
-        self._snns = self._evaluator = None  # never kept as a submodule of pl_module
-        self.last_results = results
-        pl_module.log_dict({f"conversion/{stage}/{k}": v for k, v in results.items()}, sync_dist=True)
+        figures = self._metrics.compute()
+        variants = {v: {"time_steps": s.time_steps, "latency": s.latency, "readout_steps": s.readout_steps}
+                    for v, s in self._snns.items()}
+        self._snns = self._metrics = None  # never kept as a submodule of pl_module
+        self.last_results = figures
+        pl_module.log_dict({f"conversion/{stage}/{k}": v for k, v in figures.items()}, sync_dist=False)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank asks
         if self.plots and trainer.is_global_zero:
-            root = Path(log_dir) / "conversion"
-            paths = plot_conversion(results, self.delays, time_steps, root,
-                                    prefix=f"{stage}_epoch{trainer.current_epoch}_")
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    for p in paths:
-                        logger.log_image(key=f"conversion/{stage}/{p.stem.split('_', 2)[-1]}", images=[str(p)])
+            out = Path(log_dir) / "conversion" / f"{stage}_epoch{trainer.current_epoch}"
+            results: dict[str, Any] = {"method": "csdformer", "figures": figures, "variants": variants}
+            log_images(trainer, plot_report(results, out, "QANN"), f"conversion/{stage}")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._should_run(trainer):

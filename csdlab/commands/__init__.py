@@ -1,1 +1,0 @@
-"""The functions behind convert.py's subcommands (one file each)."""

@@ -1,0 +1,123 @@
+"""convert.py through the one evaluation path: figures, units, report files, bad input, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from csdlab.eval.cli import make_convert_cli
+from tests.eval.conftest import DIGITS_CSDFORMER, REPO, make_checkpoint
+
+CSDFORMER = "csdlab.convert.csdformer.CSDformerConverter"
+
+
+def _args(ckpt: Path, out: Path, *extra: str, converter: str = CSDFORMER) -> list[str]:
+    return ["test", "--model.converter", converter, "--model.checkpoint", str(ckpt),
+            "--data.batch_size", "64", "--data.limit", "128", "--data.data_dir", str(out / "data"),
+            "--trainer.accelerator", "cpu", "--progress_bar.refresh_rate", "0",
+            "--report.out_dir", str(out), "--trainer.default_root_dir", str(out), *extra]
+
+
+def test_csdformer_conversion_figures_and_report(digits_qann: Path, tmp_path: Path) -> None:
+    cli = make_convert_cli(_args(digits_qann, tmp_path, "--model.converter.delays", "[0, 3]"))
+    r = cli.model.results
+    f = r["figures"]
+    assert f["samples"] == 128.0
+    assert 0.0 <= f["ref/top1"] <= 1.0  # fractions, never percent
+    assert f["snn/D3/agreement"] == 1.0 and f["snn/D3/max_logit_diff"] < 1e-4  # exact at D = T - 1
+    assert f["snn/D3/top1"] == f["ref/top1"] == f["snn/D3/top1_t4"]
+    assert f["snn/D0/max_logit_diff"] > 1e-3  # plain IF is not exact: the check can fail
+    assert 0 < f["snn/D3/firing_rate"] < 1 and 0 < f["energy/D3/ratio"] < 1
+    ratios = [f[f"energy/D3/ratio_t{t}"] for t in range(1, 5)]
+    assert ratios == sorted(ratios) and ratios[-1] == f["energy/D3/ratio"]  # energy of steps 1..t grows
+    assert r["variants"]["D3"] == {"time_steps": 4, "latency": 7, "readout_steps": [1, 2, 3, 4]}
+    written = json.loads((tmp_path / "figures.json").read_text())
+    assert written["images"] == 128 and written["limit"] == 128 and written["split"] == "test"
+    assert written["spike_driven_check"]["D3"]["spike_driven"] is True
+    assert "| SNN D3 | 7 |" in written["tables"]["summary"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "accuracy_vs_latency.png", "accuracy_vs_t.png", "energy_vs_t.png", "firing_rate_per_site.png"]
+
+
+def test_given_delay_and_plain_if_only(digits_qann: Path, tmp_path: Path) -> None:
+    cli = make_convert_cli(_args(digits_qann, tmp_path, "--model.converter.delay", "100", "--data.limit", "64"))
+    assert list(cli.model.results["variants"]) == ["D0", "D100"]  # not 101 delays
+
+
+def test_time_steps_hint_names_an_existing_option(digits_qann: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="allow_time_steps_mismatch true"):
+        make_convert_cli(_args(digits_qann, tmp_path, "--model.converter.time_steps", "6"))
+    cli = make_convert_cli(_args(digits_qann, tmp_path, "--model.converter.time_steps", "6", "--data.limit", "64",
+                                 "--model.converter.allow_time_steps_mismatch", "true"))
+    assert cli.model.results["variants"]["D3"]["time_steps"] == 6
+
+
+def test_wrong_model_and_float_model_are_refused(digits_vit: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="takes a csdlab CSDformer, got VisionTransformer"):
+        make_convert_cli(_args(digits_vit, tmp_path))
+    relu = make_checkpoint(tmp_path / "relu.ckpt", "csdformer_tiny", {**DIGITS_CSDFORMER, "act": "relu"})
+    with pytest.raises(ValueError, match="float CSDformer"):
+        make_convert_cli(_args(relu, tmp_path))
+
+
+def test_text_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
+        make_convert_cli(_args(text, tmp_path))
+
+
+def test_nan_images_are_refused(digits_qann: Path) -> None:
+    from csdlab.convert.csdformer import CSDformerConverter
+    from csdlab.lit.module import load_classifier
+
+    qann, _ = load_classifier(digits_qann)
+    snn = CSDformerConverter().convert(qann)["D3"]
+    x = torch.rand(2, 1, 16, 16)
+    x[1, 0, 3, 3] = float("nan")
+    assert torch.isnan(qann(x)[1]).all()  # the QANN propagates NaN ...
+    with pytest.raises(ValueError, match="1 NaN/inf values"):  # ... the SNN refuses instead of going silent
+        snn(x)
+
+
+RUN = """
+import sys
+from csdlab.eval.cli import make_convert_cli
+make_convert_cli(sys.argv[1:])
+"""
+
+
+def run_convert(tmp_path: Path, args: list[str], devices: int) -> dict:
+    """convert.py in a fresh process (DDP re-launches the script for rank 1); returns figures.json."""
+    script = tmp_path / "run_convert.py"
+    script.write_text(RUN)
+    out = tmp_path / f"out{devices}"
+    args = [a if a != str(tmp_path) else str(out) for a in args]
+    env = {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    strategy = ["--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto"]
+    proc = subprocess.run([sys.executable, str(script), *args, *strategy], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "figures.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["csdformer", "ecmt"])
+def test_two_processes_give_the_figures_of_one(method: str, digits_qann: Path, digits_vit: Path,
+                                               tmp_path: Path) -> None:
+    if method == "csdformer":
+        args = _args(digits_qann, tmp_path, "--model.converter.delays", "[0, 3]", "--data.limit", "100")
+    else:
+        args = _args(digits_vit, tmp_path, "--model.converter.T", "3", "--data.limit", "100",
+                     "--data.calib_batches", "2", converter="csdlab.convert.ecmt.ECMTConverter")
+    one, two = run_convert(tmp_path, args, 1), run_convert(tmp_path, args, 2)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    f1, f2 = one["figures"], two["figures"]
+    assert f1["samples"] == f2["samples"] == 100  # no padded or repeated images
+    assert f1.keys() == f2.keys()
+    for k in f1:
+        assert f2[k] == pytest.approx(f1[k], rel=1e-5, abs=1e-6), k
