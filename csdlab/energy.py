@@ -56,6 +56,21 @@ def dense_macs(module: nn.Module, output: Tensor) -> float:
     raise TypeError(f"dense_macs takes nn.Conv2d or nn.Linear, got {type(module).__name__}")
 
 
+@torch.no_grad()
+def _conv_fan_out(module: nn.Conv2d, height: int, width: int, device: torch.device) -> Tensor:
+    """``[H, W]``: how many output positions each input position reaches (its actual fan-out per
+    output channel, padding, stride and dilation included). It is the gradient of the number of
+    (output position, input position) pairs, i.e. of a ones-kernel convolution of a ones image."""
+    with torch.enable_grad():
+        x = torch.ones(1, 1, height, width, device=device, requires_grad=True)
+        padded, padding = x, module.padding
+        if module.padding_mode != "zeros":  # padded copies of border inputs reach outputs too
+            padded, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
+        ones = torch.ones(1, 1, *module.kernel_size, device=device)
+        F.conv2d(padded, ones, None, module.stride, padding, module.dilation).sum().backward()
+    return x.grad[0, 0]
+
+
 def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
     """Synaptic operations of an event-driven Conv2d / Linear: for every sample (dim 0) of ``x``,
     the sum over non-zero input entries of the number of outputs each one reaches. ``[N]``, float64.
@@ -64,20 +79,14 @@ def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
         module: the ``nn.Conv2d`` or ``nn.Linear`` layer.
         x: its input, ``[N, ...]`` (a leading batch-like dimension, e.g. ``T*B`` or ``B``).
     """
-    mask = (x != 0)
+    mask = x != 0
     if isinstance(module, nn.Linear):
         return mask.flatten(1).sum(1, dtype=torch.float64) * module.out_features
     if isinstance(module, nn.Conv2d):
-        mask = mask.to(torch.float32)
-        padding: Any = module.padding
-        if module.padding_mode != "zeros":  # padded copies of border events also reach outputs
-            mask = F.pad(mask, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding = 0
-        g = module.groups
-        ones = torch.ones(g, module.in_channels // g, *module.kernel_size, device=x.device)
-        # events inside each output position's window, per group: [N, g, H', W']
-        occupancy = F.conv2d(mask, ones, None, module.stride, padding, module.dilation, g)
-        return occupancy.flatten(1).sum(1, dtype=torch.float64) * (module.out_channels // g)
+        # an event at (c, i, j) reaches fan_out[i, j] positions in each of its group's C_out / g channels
+        fan_out = _conv_fan_out(module, x.shape[-2], x.shape[-1], x.device)
+        events = mask.sum(1, dtype=torch.float32)  # [N, H, W] events per position
+        return (events * fan_out).flatten(1).sum(1, dtype=torch.float64) * (module.out_channels // module.groups)
     raise TypeError(f"synaptic_events takes nn.Conv2d or nn.Linear, got {type(module).__name__}")
 
 

@@ -76,8 +76,8 @@ class ConversionReport(Callback):
         out = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero or not getattr(pl_module, "results", None):
             return
-        results = dict(pl_module.results)
-        results["spike_driven_check"] = self._spike_driven(pl_module)
+        pl_module.results["spike_driven_check"] = self._spike_driven(pl_module)
+        results = pl_module.results
         ref_name = pl_module.converter.reference_name
         meta = {"checkpoint": pl_module.checkpoint, "float64": pl_module.float64, "world_size": trainer.world_size}
         dm = trainer.datamodule

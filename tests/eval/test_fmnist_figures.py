@@ -1,0 +1,57 @@
+"""The README's conversion figures on the whole Fashion-MNIST test set (10,000 images), from the
+trained assets, through convert.py and its configs.
+
+Slow (minutes on 2 CPU cores): ``pytest -m slow``. Skipped where Debian's dataset-fashion-mnist
+is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csdlab.eval.cli import make_convert_cli
+from csdlab.lit.data import DEBIAN_FMNIST
+from tests.eval.conftest import REPO
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(), reason="Debian dataset-fashion-mnist not installed")]
+
+
+def convert(config: str, tmp_path: Path, *extra: str) -> dict:
+    """Run a README conversion config from the repository root's assets, output under tmp_path."""
+    cli = make_convert_cli(["test", "--config", str(REPO / "configs" / "convert" / config),
+                            "--data.data_dir", str(tmp_path / "data"), "--report.out_dir", str(tmp_path / "out"),
+                            "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
+                            "--progress_bar.refresh_rate", "0", *extra])
+    return cli.model.results
+
+
+@pytest.fixture(autouse=True)
+def _assets_from_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # the configs name assets/ relative to the repository root
+
+
+def test_csdformer_snn_reproduces_the_qann_and_improves_with_delay(tmp_path: Path) -> None:
+    r = convert("fmnist_csdformer_tiny.yaml", tmp_path)
+    f = r["figures"]
+    assert f["samples"] == 10_000
+    assert f["ref/top1"] >= 0.88
+    assert f["snn/D3/agreement"] == 1.0  # every one of the 10,000 predictions equals the QANN's
+    assert f["snn/D3/top1"] == f["ref/top1"]
+    accs = [f[f"snn/D{d}/top1"] for d in range(4)]
+    assert accs == sorted(accs) and accs[3] - accs[0] > 0.2  # rises with D (paper Table 4)
+    assert r["spike_driven_check"]["D3"]["spike_driven"] is True
+    assert 0 < f["energy/D3/ratio"] < 1
+
+
+def test_ecmt_vit_within_one_point_at_t8(tmp_path: Path) -> None:
+    r = convert("fmnist_vit_ecmt.yaml", tmp_path)
+    f = r["figures"]
+    assert f["samples"] == 10_000
+    assert f["ref/top1"] >= 0.85
+    assert f["ref/top1"] - f["snn/T10/top1_t8"] <= 0.01  # within one point at T = 8 (fractions)
+    err = [f[f"snn/T10/logit_error_t{t}"] for t in range(1, 11)]
+    assert all(b <= a for a, b in zip(err, err[1:]))  # logit error falls as t grows
+    assert err[-1] < 0.1 * err[0]
