@@ -1,4 +1,4 @@
-"""Train a classifier: ``python train.py fit --config configs/quickstart.yaml`` (also validate/test)."""
+"""Train a classifier: ``python train.py fit --config configs/train/quickstart.yaml`` (also validate/test)."""
 
 from csdlab.cli import train_main
 

@@ -58,7 +58,7 @@ class TrainCLI(LightningCLI):
 
 
 def train_main(args: Sequence[str] | None = None, run: bool = True) -> TrainCLI:
-    """``train.py {fit,validate,test} --config configs/NAME.yaml``."""
+    """``train.py {fit,validate,test} --config configs/train/NAME.yaml``."""
     from csdlab.lit import ClassificationModule, ImageDataModule
 
     # W&B stays offline (files under logs/, `wandb sync` later) unless the user sets WANDB_MODE=online.
