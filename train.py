@@ -1,6 +1,11 @@
-"""Train a classifier: ``python train.py fit --config configs/quickstart.yaml`` (also validate/test)."""
+"""Train a classifier: ``python train.py fit --config configs/train/quickstart.yaml`` (also validate/test).
 
-from csdlab.cli import train_main
+Errors a user can fix print one line; ``--debug`` (or ``CSDLAB_DEBUG=1``) shows the traceback.
+"""
+
+import sys
+
+from csdlab.cli import run_cli, train_main
 
 if __name__ == "__main__":
-    train_main()
+    sys.exit(run_cli(train_main))

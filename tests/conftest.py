@@ -6,6 +6,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # tests never write W&B runs
 
 
 @pytest.fixture(autouse=True)
-def _quiet_logs(monkeypatch, tmp_path):
-    # runs started by tests write under a temporary dir, never the repo's logs/
-    monkeypatch.setenv("CSDLAB_TEST_TMP", str(tmp_path))
+def _runs_write_under_tmp(monkeypatch, tmp_path):
+    """Every test runs in its own temporary folder: a run that writes to the relative ``logs/`` of
+    a config (checkpoints, CSV, plots) writes there, never into the repository.
+    ``tests/test_cli.py::test_config_relative_logs_stay_in_the_test_folder`` checks it."""
+    monkeypatch.chdir(tmp_path)

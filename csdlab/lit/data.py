@@ -2,6 +2,20 @@
 
 Datasets differ only in a small table (:data:`DATASETS`); the validation split is always carved
 out of the training set, so the test set is touched only by ``test``.
+
+Where the normalisation comes from:
+
+* a model trained from scratch by csdlab is normalised with its dataset's statistics (the table);
+  :class:`ImageDataModule` records the values it used in its hyper-parameters, which Lightning
+  stores in every checkpoint (``datamodule_hyper_parameters``), so a checkpoint says how its
+  images were prepared;
+* a model with pretrained weights expects the statistics its weights were trained with: timm
+  attaches them to the model as ``pretrained_cfg`` (``vit_small_patch16_224``: mean = std = 0.5),
+  and :func:`data_config_for` reads them (``timm.data.resolve_model_data_config``). The training
+  CLI passes them to the data module when ``model.pretrained`` is true. CSDformer's
+  ``default_cfgs`` (:mod:`csdlab.models.csdformer`) hold the statistics of the dataset each
+  variant is built for (CIFAR for the 32-pixel layouts, ImageNet for the 224-pixel ones) and agree
+  with this table, so both routes give a CSDformer the same numbers.
 """
 
 from __future__ import annotations
@@ -17,10 +31,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-__all__ = ["ImageDataModule", "DATASETS", "EpochSeededSampler"]
+__all__ = ["ImageDataModule", "DATASETS", "EpochSeededSampler", "data_config_for", "model_input_size",
+           "pretrained_data_args"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +58,82 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar100": DatasetInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": DatasetInfo(1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` the model was built for, read from the model itself (CSDformer, timm ViTs)."""
+    in_chans = getattr(model, "in_chans", None)
+    img_size = getattr(model, "img_size", None)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:
+        img_size = getattr(patch_embed, "img_size", img_size)
+        proj = getattr(patch_embed, "proj", None)
+        in_chans = getattr(proj, "in_channels", in_chans)
+    if in_chans is None or img_size is None:
+        return None
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return int(in_chans), int(h), int(w)
+
+
+def data_config_for(model: nn.Module) -> dict[str, Any]:
+    """The image preparation a model's weights expect, from its timm ``pretrained_cfg``.
+
+    Built on ``timm.data.resolve_model_data_config``; the input size is the one the model was
+    built with (timm's resolver reports the pretrained default even when ``img_size`` or
+    ``in_chans`` were changed).
+
+    Args:
+        model: a timm model (``timm.create_model(..., pretrained=False)`` is enough: the config is
+            attached without the weights).
+
+    Returns:
+        ``mean`` and ``std`` (tuples, one entry per input channel), ``interpolation``
+        (``bicubic``, ``bilinear``, ...), ``crop_pct`` (centre-crop fraction at evaluation) and
+        ``input_size`` ``(C, H, W)``.
+
+    Raises:
+        ValueError: the model has no ``pretrained_cfg``, or was built for another channel count
+            than its configuration's statistics (then they cannot apply: use the dataset's).
+    """
+    from timm.data import resolve_model_data_config
+
+    if not getattr(model, "pretrained_cfg", None):
+        raise ValueError(f"{type(model).__name__} has no timm pretrained_cfg to read its mean/std from; "
+                         f"build it with timm.create_model, or give ImageDataModule mean/std explicitly")
+    cfg = resolve_model_data_config(model)
+    input_size = model_input_size(model) or tuple(cfg["input_size"])
+    mean, std = tuple(float(m) for m in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+    if len(mean) != input_size[0] or len(std) != input_size[0]:
+        raise ValueError(f"{type(model).__name__} takes {input_size[0]} input channels but its pretrained_cfg "
+                         f"has mean/std for {len(mean)}: those statistics do not apply; normalise with the "
+                         f"dataset's statistics (ImageDataModule with mean=None, std=None)")
+    return {"mean": mean, "std": std, "interpolation": str(cfg["interpolation"]),
+            "crop_pct": float(cfg["crop_pct"]), "input_size": tuple(int(v) for v in input_size)}
+
+
+def pretrained_data_args(model_name: str, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:class:`ImageDataModule` arguments (``mean``, ``std``, ``interpolation``, ``crop_pct``) for
+    fine-tuning ``model_name``'s pretrained weights: the model is built on the ``meta`` device, so
+    nothing is downloaded or allocated."""
+    import timm
+
+    import csdlab.models  # noqa: F401  registers csdformer_* with timm
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {}))
+    cfg = data_config_for(model)
+    return {k: cfg[k] for k in ("mean", "std", "interpolation", "crop_pct")}
+
+
+def digits_split(n: int) -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits have no test split: a fixed 80/20 one (seed 1234), returned as
+    ``(train pool, test)`` indices; validation is later carved out of the train pool."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1234))
+    n_test = n // 5
+    return perm[n_test:], perm[:n_test]
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -102,12 +193,23 @@ class ImageDataModule(L.LightningDataModule):
         augment: random flips/shifts (small datasets) or timm's training transform (CIFAR, ImageNet).
         auto_augment: timm auto-augment policy for CIFAR/ImageNet, e.g. ``rand-m9-mstd0.5-inc1``.
         re_prob: random-erasing probability for CIFAR/ImageNet.
+        mean: per-channel normalisation mean; None: the dataset's (the table). A pretrained model's
+            own values come from :func:`data_config_for`.
+        std: per-channel normalisation standard deviation; None: the dataset's.
+        interpolation: resize filter (``nearest``, ``bilinear``, ``bicubic``); None: bilinear for
+            the tensor datasets (digits, Fashion-MNIST), bicubic for CIFAR / ImageNet.
+        crop_pct: centre-crop fraction of the evaluation transform (CIFAR / ImageNet); None: 1.0 up
+            to 64 pixels, 0.875 above.
+
+    The resolved ``mean``, ``std``, ``interpolation`` and ``crop_pct`` replace the None values in
+    ``hparams``, so a checkpoint records the preparation its model was trained with.
     """
 
     def __init__(self, dataset: str = "digits", data_dir: str = "data", img_size: int | None = None,
                  batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0,
                  download: bool = True, augment: bool = True, auto_augment: str | None = None,
-                 re_prob: float = 0.0) -> None:
+                 re_prob: float = 0.0, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 interpolation: str | None = None, crop_pct: float | None = None) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
@@ -116,10 +218,30 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.info = DATASETS[dataset]
         self.img_size = img_size or self.info.img_size
+        small = self.img_size <= 64
+        mean = tuple(float(m) for m in (self.info.mean if mean is None else mean))
+        std = tuple(float(v) for v in (self.info.std if std is None else std))
+        for name, values in (("mean", mean), ("std", std)):
+            if len(values) != self.info.in_chans:
+                raise ValueError(f"{name}={values} has {len(values)} entries but {dataset} images have "
+                                 f"{self.info.in_chans} channel(s); give one value per channel")
+        if not all(v > 0 for v in std):
+            raise ValueError(f"std must be > 0 for every channel, got {std}")
+        if interpolation is None:
+            interpolation = "bicubic" if dataset in ("cifar10", "cifar100", "imagenet") else "bilinear"
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r} is not supported; choose one of {INTERPOLATIONS}")
+        crop_pct = (1.0 if small else 0.875) if crop_pct is None else float(crop_pct)
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.hparams.update(mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.calib_set: Dataset | None = None
+        #: after ``setup``: the samples of each split as ``(source, indices)``; ``source`` names the
+        #: file the indices point into (``train`` / ``test``, or ``digits`` for the one digits array)
+        self.split_indices: dict[str, tuple[str, list[int]]] = {}
 
     @property
     def num_classes(self) -> int:
@@ -143,11 +265,17 @@ class ImageDataModule(L.LightningDataModule):
         raw = root / "FashionMNIST" / "raw"
         # Debian's dataset-fashion-mnist ships the canonical files with another gzip encoding,
         # so torchvision's checksums fail on the .gz; extracted files are found without download.
-        if DEBIAN_FMNIST.is_dir() and not (raw / "t10k-labels-idx1-ubyte").exists():
-            raw.mkdir(parents=True, exist_ok=True)
-            for gz in DEBIAN_FMNIST.glob("*-ubyte.gz"):
-                with gzip.open(gz, "rb") as src, open(raw / gz.stem, "wb") as dst:
+        if DEBIAN_FMNIST.is_dir():
+            for gz in sorted(DEBIAN_FMNIST.glob("*-ubyte.gz")):
+                if (raw / gz.stem).exists():
+                    continue
+                raw.mkdir(parents=True, exist_ok=True)
+                # extract beside the target and rename: an interrupted run leaves no truncated file
+                # that a later run would take for a complete one
+                tmp = raw / f".{gz.stem}.tmp"
+                with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
+                tmp.replace(raw / gz.stem)
         try:
             return FashionMNIST(root, train=train, download=self.hparams.download)
         except (RuntimeError, OSError) as e:
@@ -176,17 +304,26 @@ class ImageDataModule(L.LightningDataModule):
         return sorted(perm[n_val:]), sorted(perm[:n_val])
 
     def _normalise(self, x: Tensor) -> Tensor:
-        mean = torch.tensor(self.info.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.info.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.hparams.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.hparams.std).view(1, -1, 1, 1)
         return (x - mean) / std
 
+    def _record_split(self, train_source: str, train_ids: Tensor | list[int], tr: list[int], va: list[int],
+                      test_source: str, test_ids: Tensor | list[int]) -> None:
+        ids = torch.as_tensor(train_ids)
+        self.split_indices = {"train": (train_source, ids[tr].tolist()), "val": (train_source, ids[va].tolist()),
+                              "test": (test_source, torch.as_tensor(test_ids).tolist())}
+
     def _tensor_sets(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                     hflip: bool, pad: int) -> None:
+                     hflip: bool, pad: int, sources: tuple[str, Tensor, str, Tensor]) -> None:
         if train_x.shape[-1] != self.img_size:
-            train_x = F.interpolate(train_x, size=self.img_size, mode="bilinear", align_corners=False)
-            test_x = F.interpolate(test_x, size=self.img_size, mode="bilinear", align_corners=False)
+            mode = self.hparams.interpolation
+            kw = {} if mode == "nearest" else {"align_corners": False}
+            train_x = F.interpolate(train_x, size=self.img_size, mode=mode, **kw)
+            test_x = F.interpolate(test_x, size=self.img_size, mode=mode, **kw)
         train_x, test_x = self._normalise(train_x), self._normalise(test_x)
         tr, va = self._split(len(train_y))
+        self._record_split(sources[0], sources[1], tr, va, sources[2], sources[3])
         aug = self.hparams.augment
         self.train_set = AugmentedTensorDataset(train_x[tr], train_y[tr], aug, hflip, pad)
         self.calib_set = AugmentedTensorDataset(train_x[tr], train_y[tr], False, hflip, pad)
@@ -197,16 +334,18 @@ class ImageDataModule(L.LightningDataModule):
         from timm.data import create_transform
 
         hp = self.hparams
-        kw = dict(input_size=(self.in_chans, self.img_size, self.img_size), mean=self.info.mean, std=self.info.std)
+        kw = dict(input_size=(self.in_chans, self.img_size, self.img_size), mean=hp.mean, std=hp.std,
+                  interpolation=hp.interpolation)
         small = self.img_size <= 64
         train_tf = create_transform(**kw, is_training=hp.augment, auto_augment=hp.auto_augment, re_prob=hp.re_prob,
-                                    scale=(0.35, 1.0) if small else (0.08, 1.0), interpolation="bicubic")
-        eval_tf = create_transform(**kw, is_training=False, crop_pct=1.0 if small else 0.875, interpolation="bicubic")
+                                    scale=(0.35, 1.0) if small else (0.08, 1.0))
+        eval_tf = create_transform(**kw, is_training=False, crop_pct=hp.crop_pct)
         train_full, eval_full = make(True, train_tf), make(True, eval_tf)
         tr, va = self._split(len(train_full))
         self.train_set, self.calib_set = Subset(train_full, tr), Subset(eval_full, tr)
         self.val_set = Subset(eval_full, va)
         self.test_set = make(False, eval_tf)
+        self._record_split("train", torch.arange(len(train_full)), tr, va, "test", torch.arange(len(self.test_set)))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -218,15 +357,13 @@ class ImageDataModule(L.LightningDataModule):
             d = load_digits()
             x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
             y = torch.tensor(d.target, dtype=torch.long)
-            # fixed 80/20 train/test split; validation comes out of the 80%
-            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
-            n_test = len(y) // 5
-            te, tr = perm[:n_test], perm[n_test:]
-            self._tensor_sets(x[tr], y[tr], x[te], y[te], hflip=False, pad=0)
+            tr, te = digits_split(len(y))
+            self._tensor_sets(x[tr], y[tr], x[te], y[te], hflip=False, pad=0, sources=("digits", tr, "digits", te))
         elif name == "fashion_mnist":
             train, test = self._fashion_mnist(True), self._fashion_mnist(False)
             self._tensor_sets(train.data.unsqueeze(1).float() / 255, train.targets,
-                              test.data.unsqueeze(1).float() / 255, test.targets, hflip=True, pad=2)
+                              test.data.unsqueeze(1).float() / 255, test.targets, hflip=True, pad=2,
+                              sources=("train", torch.arange(len(train.targets)), "test", torch.arange(len(test.targets))))
         elif name in ("cifar10", "cifar100"):
             self._timm_sets(lambda train, tf: self._cifar(train, tf))
         else:  # imagenet

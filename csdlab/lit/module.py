@@ -8,24 +8,25 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import timm
 import torch
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-import csdlab.models  # noqa: F401  registers csdformer_* with timm
-
-__all__ = ["ClassificationModule", "load_classifier", "build_model"]
+__all__ = ["ClassificationModule", "load_classifier", "build_model", "read_checkpoint"]
 
 log = logging.getLogger(__name__)
+
+# timm is imported where it is used: `train.py --help` builds its parser from this module's
+# signatures and should not wait for timm (or the csdformer registry) to load.
 
 
 def build_model(model_name: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False) -> nn.Module:
     """``timm.create_model`` with a clear error for an unknown name."""
+    import timm
+
+    import csdlab.models  # noqa: F401  registers csdformer_* with timm
+
     if not timm.is_model(model_name):
         close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8]
         raise ValueError(f"unknown model {model_name!r}; csdlab models: {timm.list_models('csdformer*')}, "
@@ -59,9 +60,17 @@ class ClassificationModule(L.LightningModule):
                  warmup_lr: float = 1e-6, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
                  cutmix_alpha: float = 0.0, mixup_switch_prob: float = 0.5) -> None:
         super().__init__()
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
         self.save_hyperparameters()
         self.model = build_model(model_name, model_kwargs, pretrained)
         self.num_classes = self.model.num_classes
+        from csdlab.lit.data import model_input_size
+
+        size = model_input_size(self.model)
+        if size is not None:  # lets Lightning's model summary count FLOPs (else it prints "Total FLOPs: 0")
+            self.example_input_array = torch.zeros(1, *size)
         n = self.num_classes
         self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, switch_prob=mixup_switch_prob,
                             label_smoothing=label_smoothing, num_classes=n)
@@ -72,6 +81,8 @@ class ClassificationModule(L.LightningModule):
             f"{stage}_{k}": MulticlassAccuracy(n, top_k=min(k, n), average="micro")
             for stage in ("val", "test") for k in (1, 5)
         })
+        # how many images a (possibly limited) test covered, summed over processes
+        self.test_images = SumMetric()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -106,8 +117,13 @@ class ClassificationModule(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
+        self.test_images.update(torch.tensor(float(len(batch[1])), device=self.device))
+        self.log("test/images", self.test_images)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+
         hp = self.hparams
         opt = create_optimizer_v2(self.model, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -119,7 +135,7 @@ class ClassificationModule(L.LightningModule):
                                   warmup_prefix=True, t_in_epochs=False)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -135,6 +151,25 @@ def check_checkpoint_hparams(saved: Mapping[str, Any], current: Mapping[str, Any
                 f"use the config the checkpoint was trained with (or start without --ckpt_path)")
 
 
+def read_checkpoint(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that say what the file is.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a PyTorch checkpoint (a text file, a truncated write, a
+            pickle of arbitrary objects); the message names the file and what torch reported.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (or train one with train.py fit)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports a text file as IndexError / UnpicklingError, a truncated one as RuntimeError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {type(e).__name__}: {reason[:200]}); "
+                         f"pass a .ckpt written by train.py") from e
+
+
 def load_classifier(path: str | Path, expected_model: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the timm model of a csdlab Lightning checkpoint and load its weights (strict).
 
@@ -146,9 +181,7 @@ def load_classifier(path: str | Path, expected_model: str | None = None) -> tupl
         The model in eval mode and the checkpoint's hyper-parameters.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "model_name" not in hp or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a csdlab training checkpoint (no model_name hyper-parameter / state_dict); "

@@ -270,7 +270,13 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
             "first_conv": "tokenizer.stages.0.conv.conv", "classifier": "head", **kwargs}
 
 
-_CIFAR = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
+# The data each variant is built for (CSDformer publishes no weights, so ``url`` is empty): the
+# 32-pixel layouts are CIFAR models, the 224-pixel ones ImageNet models. ``data_config_for(model)``
+# (csdlab.lit.data) reads these through timm's ``resolve_model_data_config``; the numbers are the
+# data module's dataset table (CIFAR-10 / ImageNet rows; a test keeps the two equal). A model
+# csdlab trained on another dataset (digits, Fashion-MNIST, CIFAR-100) or at another size records
+# its own preparation in the checkpoint's ``datamodule_hyper_parameters``, which takes precedence.
+_CIFAR = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation="bicubic",
               mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 
 default_cfgs = generate_default_cfgs({

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-import csdlab  # noqa: F401
+import csdlab.models  # noqa: F401  registers csdformer_* with timm
 from csdlab.lit.module import build_model
 from csdlab.quant import LSQQuantizer
 
