@@ -1,6 +1,11 @@
-"""Convert a trained network into an SNN and measure it: ``python convert.py test --config configs/convert/NAME.yaml``."""
+"""Convert a trained network into an SNN and measure it: ``python convert.py test --config configs/convert/NAME.yaml``.
 
-from csdlab.cli import convert_main
+Errors a user can fix print one line; ``--debug`` (or ``CSDLAB_DEBUG=1``) shows the traceback.
+"""
+
+import sys
+
+from csdlab.cli import convert_main, run_cli
 
 if __name__ == "__main__":
-    convert_main()
+    sys.exit(run_cli(convert_main))

@@ -306,8 +306,8 @@ def train_main(args: Sequence[str] | None = None, run: bool = True,
 
 def convert_main(argv: Sequence[str] | None = None) -> None:
     """``convert.py test --config configs/convert/NAME.yaml``: see :mod:`csdlab.eval.cli`."""
-    from csdlab.eval.cli import configure_logging, make_convert_cli
+    from csdlab.eval.cli import make_convert_cli
 
+    quiet_dependencies()
     os.environ.setdefault("WANDB_MODE", "offline")
-    configure_logging()
     make_convert_cli(argv)

@@ -56,19 +56,19 @@ def dense_macs(module: nn.Module, output: Tensor) -> float:
     raise TypeError(f"dense_macs takes nn.Conv2d or nn.Linear, got {type(module).__name__}")
 
 
-@torch.no_grad()
 def _conv_fan_out(module: nn.Conv2d, height: int, width: int, device: torch.device) -> Tensor:
     """``[H, W]``: how many output positions each input position reaches (its actual fan-out per
     output channel, padding, stride and dilation included). It is the gradient of the number of
     (output position, input position) pairs, i.e. of a ones-kernel convolution of a ones image."""
-    with torch.enable_grad():
+    # autograd on a tiny image, also inside Trainer.test's inference mode
+    with torch.inference_mode(False), torch.enable_grad():
         x = torch.ones(1, 1, height, width, device=device, requires_grad=True)
         padded, padding = x, module.padding
         if module.padding_mode != "zeros":  # padded copies of border inputs reach outputs too
             padded, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
         ones = torch.ones(1, 1, *module.kernel_size, device=device)
         F.conv2d(padded, ones, None, module.stride, padding, module.dilation).sum().backward()
-    return x.grad[0, 0]
+    return x.grad[0, 0].detach()
 
 
 def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:

@@ -8,7 +8,6 @@ bar) come from the config or the command line. No logic here beyond wiring.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,18 +44,7 @@ class ConvertCLI(LightningCLI):
 def make_convert_cli(args: Sequence[str] | None = None, run: bool = True) -> ConvertCLI:
     """Build (and by default run) the conversion CLI."""
     return ConvertCLI(ConversionEvaluation, ConversionData, args=args, run=run, seed_everything_default=0,
-                      save_config_kwargs={"overwrite": True},
+                      save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False},
                       trainer_defaults={"default_root_dir": "logs/convert", "use_distributed_sampler": False,
                                         "enable_checkpointing": False, "logger": False,
                                         "enable_model_summary": False})
-
-
-def configure_logging() -> Any:
-    """csdlab's INFO messages (tables, calibration) on the console, once."""
-    log = logging.getLogger("csdlab")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    return log

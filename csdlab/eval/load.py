@@ -3,27 +3,12 @@ pretrained weights, with the data settings it expects."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-__all__ = ["read_checkpoint", "load_reference"]
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with errors that say what the file is."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a train.py checkpoint (.ckpt)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, ValueError) as e:
-        raise ValueError(f"{path} is not a PyTorch checkpoint that loads safely (weights_only=True): "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; pass a checkpoint "
-                         "written by train.py (or a timm state dict with --model.model_name)") from e
+__all__ = ["load_reference"]
 
 
 def load_reference(checkpoint: str | None = None, model_name: str | None = None, pretrained: bool = False,
@@ -41,7 +26,7 @@ def load_reference(checkpoint: str | None = None, model_name: str | None = None,
         The model and the data settings it expects: the dataset hyper-parameters recorded at
         training time, or (hub weights) the model's own ``pretrained_cfg`` normalisation.
     """
-    from csdlab.lit.module import build_model, load_classifier
+    from csdlab.lit.module import build_model, load_classifier, read_checkpoint
 
     if checkpoint is not None:
         if pretrained:
