@@ -1,13 +1,21 @@
-"""Expectation compensation (EC) modules of ECMT (METHODS 2.3; paper Sec. 4.2, Eqs. 15-18).
+"""Expectation compensation (EC) modules of ECMT (docs/methods.md §2.3; paper Sec. 4.2, Eqs. 15-18).
 
-Both are single-step stateful modules (SpikingJelly 2.0 ``MemoryModule``), reset by
-``functional.reset_net``. Their defining property is *anytime correctness*: the running mean of
-their outputs over steps ``1..t`` equals the ANN function of the running mean of their inputs, at
-every ``t``.
+Both are stateful SpikingJelly 2.0 ``MemoryModule``s, reset by ``functional.reset_net``. Their
+defining property is *anytime correctness*: the running mean of their outputs over steps ``1..t``
+equals the ANN function of the running mean of their inputs, at every ``t``.
 
-Energy (METHODS 3): the matrix-product EC counts itself (:meth:`ECMatMul.count_ops`). The general
-EC defines no count: the ANN side (``ann_macs``, a FLOP counter of matmuls and convolutions) does
-not count LayerNorm, GELU or softmax either, so both sides leave these element-wise functions out.
+Two step modes, giving the same numbers:
+
+* single-step (``step_mode="s"``): one call per time step on ``[B, ...]`` (streaming input);
+* multi-step (``step_mode="m"``): one call for ``T`` steps on ``[T, B, ...]``, or on the
+  time-flattened ``[T*B, ...]`` that the Linear layers around them see when ``flat_steps = T``
+  (:class:`TimeFlatModule`). The running sums are ``T`` additions, then F (or the product) runs
+  once on all ``T`` running means. States carry over between calls, so a long simulation can be
+  run in chunks of steps.
+
+Energy (docs/methods.md §3): the matrix-product EC counts itself (:meth:`ECMatMul.count_ops`). The
+general EC defines no count: the ANN side (a FLOP counter of matmuls and convolutions) does not
+count LayerNorm, GELU or softmax either, so both sides leave these element-wise functions out.
 """
 
 from __future__ import annotations
@@ -18,15 +26,74 @@ import torch
 from spikingjelly.activation_based import base
 from torch import Tensor, nn
 
-__all__ = ["ECFunction", "ECMatMul"]
+__all__ = ["TimeFlatModule", "ECFunction", "ECMatMul", "running_sum"]
 
 
-class ECFunction(base.MemoryModule):
+class TimeFlatModule(base.MemoryModule):
+    """A ``MemoryModule`` whose multi-step input may arrive time-flattened.
+
+    In multi-step mode with ``flat_steps = T`` set, every input is ``[T*B, ...]`` (step-major, as
+    the Linear layers of a layer-by-layer simulation see it); it is viewed as ``[T, B, ...]`` for
+    :meth:`multi_step_functional_forward` and the output is flattened back. With
+    ``flat_steps = None`` multi-step inputs are SpikingJelly's ``[T, B, ...]``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat_steps: int | None = None
+
+    def multi_step_forward(self, *inputs: Tensor, **kwargs: Any) -> Tensor:
+        steps = self.flat_steps
+        if steps is None:
+            return super().multi_step_forward(*inputs, **kwargs)
+        seqs = tuple(x.unflatten(0, (steps, -1)) for x in inputs)  # [T*B, ...] -> [T, B, ...]
+        return super().multi_step_forward(*seqs, **kwargs).flatten(0, 1)
+
+    def steps_per_call(self, x: Tensor) -> int:
+        """Time steps held by the input ``x`` of the last call (1 in single-step mode)."""
+        if self.step_mode == "s":
+            return 1
+        return self.flat_steps if self.flat_steps is not None else x.shape[0]
+
+
+def running_sum(x: Tensor, start: Tensor | None = None) -> Tensor:
+    """``S[i] = start + x[0] + ... + x[i]`` along dim 0, as a new tensor with ``x``'s layout.
+
+    The same additions, in the same order, as a single-step module adding one input per step, so
+    the result is bit-identical to it (``torch.cumsum`` accumulates float32 in float64 on a CPU).
+    """
+    out = torch.empty_like(x)
+    if start is None:
+        out[0].copy_(x[0])
+    else:
+        torch.add(start, x[0], out=out[0])
+    for i in range(1, x.shape[0]):
+        torch.add(out[i - 1], x[i], out=out[i])
+    return out
+
+
+def _step_column(t0: int, steps: int, like: Tensor, values: list[float] | None = None) -> Tensor:
+    """``[steps, 1, ..., 1]`` tensor of ``t0+1 .. t0+steps`` (or of ``values``) in ``like``'s dtype."""
+    data = values if values is not None else [float(t) for t in range(t0 + 1, t0 + steps + 1)]
+    # python floats cast to the tensor dtype: the same rounding as a python scalar operand
+    return torch.tensor(data, dtype=torch.float64).to(like).view(-1, *[1] * (like.dim() - 1))
+
+
+def _differences_(cur: Tensor, prev: Tensor | None) -> Tensor:
+    """In place: ``cur[i] -= cur[i-1]`` (backwards), ``cur[0] -= prev``; returns ``cur``."""
+    for i in range(cur.shape[0] - 1, 0, -1):
+        cur[i].sub_(cur[i - 1])
+    if prev is not None:
+        cur[0].sub_(prev)
+    return cur
+
+
+class ECFunction(TimeFlatModule):
     """General EC around any function module F (LayerNorm, GELU, softmax, ...), paper Eq. 15.
 
     ``S(t) = S(t-1) + x(t)``; ``O(t) = t F(S(t)/t) - (t-1) F(S(t-1)/(t-1))``. The second term is the
-    first term of the previous step, kept as a memory, so a step costs one add, one scaling in,
-    one F, one scaling out and one subtraction.
+    first term of the previous step, kept as a memory. Multi-step: all ``S(t)`` by ``T`` additions,
+    F once on the ``[T*B, ...]`` running means, and the differences in place.
 
     Args:
         fn: the ANN module F (kept as ``self.fn``; its parameters are reused, not copied).
@@ -41,7 +108,7 @@ class ECFunction(base.MemoryModule):
         self.step_mode = "s"
 
     def supported_step_mode(self) -> tuple[str, ...]:
-        return ("s",)
+        return ("s", "m")
 
     def single_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
                                        **kwargs: object) -> tuple[tuple[Tensor], tuple[Any, ...]]:
@@ -52,17 +119,30 @@ class ECFunction(base.MemoryModule):
         out = cur if prev is None else cur - prev
         return (out,), (s, cur, t)
 
+    def multi_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
+                                      **kwargs: object) -> tuple[tuple[Tensor], tuple[Any, ...]]:
+        x, (s, prev, t0) = inputs[0], states
+        steps = x.shape[0]
+        total = running_sum(x, s)  # [T, B, ...]
+        s_last = total[-1].clone()  # the state must not keep the whole [T, ...] sum alive
+        t = _step_column(t0, steps, total)
+        # F once on all T running means (F sees [T*B, ...]: any F working on a batch works here)
+        means = total.div_(t)
+        cur = self.fn(means.flatten(0, 1)).unflatten(0, (steps, -1)).mul_(t)  # t F(S(t)/t)
+        last = cur[-1].clone()
+        return (_differences_(cur, prev),), (s_last, last, t0 + steps)
 
-class ECMatMul(base.MemoryModule):
-    """Matrix-product EC for ``A @ B`` with spike inputs (paper Eqs. 16-18, METHODS 2.3).
+
+class ECMatMul(TimeFlatModule):
+    """Matrix-product EC for ``A @ B`` with spike inputs (paper Eqs. 16-18, docs/methods.md §2.3).
 
     ``S_K(t) = S_K(t-1) + A(t) B(t) + A(t) S_B(t-1) + S_A(t-1) B(t)`` and
     ``O(t) = c S_K(t)/t - c S_K(t-1)/(t-1)``, with an optional constant ``c`` (the attention
     ``scale``) folded into the ``1/t`` factor, so it costs nothing. The recursion telescopes to
     ``S_K(t) = S_A(t) S_B(t)``, which a dense simulator evaluates as one product per step (the ANN
-    has one too); on event-driven hardware the recursion's products with spike matrices are
-    additions: :meth:`count_ops` counts them as ACs (Eq. 43) and the level / ``1/t`` scalings as
-    MACs (Eq. 44).
+    has one too); multi-step, one batched product of the ``T`` running sums. On event-driven
+    hardware the recursion's products with spike matrices are additions: :meth:`count_ops` counts
+    them as ACs (Eq. 43) and the level / ``1/t`` scalings as MACs (Eq. 44).
 
     Args:
         scale: constant ``c`` multiplying the product (``head_dim ** -0.5`` for ``q k^T``).
@@ -79,7 +159,7 @@ class ECMatMul(base.MemoryModule):
         self.step_mode = "s"
 
     def supported_step_mode(self) -> tuple[str, ...]:
-        return ("s",)
+        return ("s", "m")
 
     def single_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
                                        **kwargs: object) -> tuple[tuple[Tensor], tuple[Any, ...]]:
@@ -94,25 +174,50 @@ class ECMatMul(base.MemoryModule):
         cur = (sa @ sb) * (self.scale / t)
         return (cur - prev,), (sa, sb, cur, t)
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
-        """Operations of the step just run: ``(MACs, ACs)`` by paper Eqs. 43-44.
+    def multi_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
+                                      **kwargs: object) -> tuple[tuple[Tensor], tuple[Any, ...]]:
+        (a, b), (sa, sb, prev, t0) = inputs[:2], states
+        steps = a.shape[0]
+        sum_a, sum_b = running_sum(a, sa), running_sum(b, sb)  # [T, B, ..., n, p], [T, B, ..., p, m]
+        cur = torch.matmul(sum_a, sum_b)  # one batched product for all T steps
+        factors = [self.scale / t for t in range(t0 + 1, t0 + steps + 1)]  # c / t, as single-step
+        cur.mul_(_step_column(t0, steps, cur, factors))
+        states = (sum_a[-1].clone(), sum_b[-1].clone(), cur[-1].clone(), t0 + steps)
+        return (_differences_(cur, prev),), states
+
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float | Tensor, float | Tensor]:
+        """Operations of the call just run: ``(MACs, ACs)`` by paper Eqs. 43-44.
 
         For ``[.., n, p] @ [.., p, m]`` with event fractions ``eta_a``, ``eta_b``: ACs
         ``(eta_a eta_b + eta_a + eta_b) n p m + 3 n m`` (the ``S`` terms vanish at t = 1, leaving
         ``eta_a eta_b n p m + n m``); MACs ``(min(eta_a, eta_b) + eta_a + eta_b) n m`` for the level
         scalings plus ``n m`` for the ``1/t`` scaling.
+
+        Returns:
+            Floats after a single-step call; after a multi-step call of ``T`` steps, two float64
+            tensors ``[T]`` (one entry per step, event fractions measured per step).
         """
         a, b = inputs[:2]
         n, p, m = a.shape[-2], a.shape[-1], b.shape[-1]
-        batch = output.numel() / (n * m)  # leading (batch, head) dimensions
-        eta_a = float(torch.count_nonzero(a)) / a.numel()
-        eta_b = float(torch.count_nonzero(b)) / b.numel()
-        if self.t <= 1:
-            acs = eta_a * eta_b * n * p * m + n * m
-            macs = min(eta_a, eta_b) * n * m + n * m
-        else:
-            acs = (eta_a * eta_b + eta_a + eta_b) * n * p * m + 3 * n * m
-            macs = (min(eta_a, eta_b) + eta_a + eta_b) * n * m + n * m
+        if self.step_mode == "s":
+            batch = output.numel() / (n * m)  # leading (batch, head) dimensions
+            eta_a = float(torch.count_nonzero(a)) / a.numel()
+            eta_b = float(torch.count_nonzero(b)) / b.numel()
+            if self.t <= 1:
+                acs = eta_a * eta_b * n * p * m + n * m
+                macs = min(eta_a, eta_b) * n * m + n * m
+            else:
+                acs = (eta_a * eta_b + eta_a + eta_b) * n * p * m + 3 * n * m
+                macs = (min(eta_a, eta_b) + eta_a + eta_b) * n * m + n * m
+            return macs * batch, acs * batch
+        steps = self.steps_per_call(a)
+        batch = output.numel() / (steps * n * m)
+        eta_a = torch.count_nonzero(a.reshape(steps, -1), dim=1).double() / (a.numel() / steps)
+        eta_b = torch.count_nonzero(b.reshape(steps, -1), dim=1).double() / (b.numel() / steps)
+        first = torch.arange(self.t - steps + 1, self.t + 1, device=eta_a.device) <= 1
+        both, low = eta_a * eta_b, torch.minimum(eta_a, eta_b)
+        acs = torch.where(first, both * n * p * m + n * m, (both + eta_a + eta_b) * n * p * m + 3 * n * m)
+        macs = torch.where(first, low * n * m + n * m, (low + eta_a + eta_b) * n * m + n * m)
         return macs * batch, acs * batch
 
     def extra_repr(self) -> str:

@@ -13,6 +13,7 @@ from spikingjelly.activation_based import base
 from torch import Tensor, nn
 
 from csdlab.quant.lsq import ActQuantizer
+from csdlab.snn.ecmt import TimeFlatModule
 
 __all__ = ["DelayedIFNode", "MTNeuron"]
 
@@ -86,35 +87,43 @@ class DelayedIFNode(base.MemoryModule):
         return f"v_threshold={float(self.v_threshold):.4g}, delay={self.delay}"
 
 
-class MTNeuron(base.MemoryModule):
-    """Multi-threshold neuron of ECMT (METHODS 2.1; paper Eqs. 21-25); single- or multi-step.
+class MTNeuron(TimeFlatModule):
+    """Multi-threshold neuron of ECMT (docs/methods.md §2.1; paper Eqs. 21-25); single- or multi-step.
 
     Levels ``th1 * 2^k`` and ``-th2 * 2^k``, ``k = 0..n-1``; membrane ``v`` from 0. Each step
     ``m = v + I``; one spike at the largest ``k`` with ``m >= th1 2^k - th1/2`` (or
     ``-m >= th2 2^k - th2/2``); output ``x = +-th 2^k`` (0 if none); ``v = m - x``. The output is the
     spike already weighted by its level, which is what the paper's parallel parameter normalization
-    (Eq. 27) feeds the next layer. While ``record`` is on, spikes are counted per level (buffers,
-    not memories: they outlive :func:`functional.reset_net` and are cleared by :meth:`clear_counts`).
+    (Eq. 27) feeds the next layer, so spikes per neuron-step are its non-zero outputs.
+
+    Multi-step (``[T, B, ...]``, or time-flattened ``[T*B, ...]`` with ``flat_steps = T``): only the
+    membrane update loops over t, writing each step's spikes straight into the ``[T, ...]`` output.
+
+    With ``count_levels`` on, spikes are also counted per level, from each call's whole output at
+    once (one histogram of its sign and exponent bits), in ``spike_counts`` / ``neuron_steps``:
+    buffers that outlive :func:`functional.reset_net`, are cleared by :meth:`clear_counts` and are
+    not saved in a ``state_dict``.
 
     Args:
         th1: positive base threshold (> 0).
         th2: negative base threshold magnitude (> 0).
         levels: number of levels per sign n (>= 1).
-        record: count spikes per level in ``spike_counts`` and neuron-steps in ``neuron_steps``.
+        count_levels: count spikes per level (off by default: the evaluation counts non-zero
+            outputs itself).
     """
 
-    def __init__(self, th1: float = 1.0, th2: float = 1.0, levels: int = 8, record: bool = True) -> None:
+    def __init__(self, th1: float = 1.0, th2: float = 1.0, levels: int = 8, count_levels: bool = False) -> None:
         super().__init__()
         if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
             raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
         self.levels = levels
-        self.record = record
+        self.count_levels = count_levels
         self.register_buffer("th1", torch.tensor(1.0))
         self.register_buffer("th2", torch.tensor(1.0))
         self.set_thresholds(th1, th2)
         # [p_0..p_{n-1}, m_0..m_{n-1}]: spikes at +th1 2^k, then at -th2 2^k
-        self.register_buffer("spike_counts", torch.zeros(2 * levels, dtype=torch.long))
-        self.register_buffer("neuron_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("spike_counts", torch.zeros(2 * levels, dtype=torch.long), persistent=False)
+        self.register_buffer("neuron_steps", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_memory("v", None)  # materialized as zeros at the first step
         self.step_mode = "s"
 
@@ -141,52 +150,67 @@ class MTNeuron(base.MemoryModule):
             v = torch.zeros_like(ref)
         return (v,)
 
-    def _fire(self, m: Tensor) -> Tensor:
+    def _fire(self, m: Tensor, sth: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        """Spikes of membrane ``m`` (signed, level-weighted), into ``out`` if given; ``sth``: a
+        scratch tensor like ``m``."""
         # signed base threshold of each neuron's side, so m / sth >= 0: +-(th1+th2)/2 + (th1-th2)/2
         # is th1 or -th2 (copysign sends -0.0 to the negative side, where it stays silent);
         # torch.where with scalar operands is several times slower on a CPU
         th1, th2 = self.th1.to(m.dtype), self.th2.to(m.dtype)
-        sth = torch.copysign((th1 + th2) * 0.5, m).add_((th1 - th2) * 0.5)
+        sth = torch.copysign((th1 + th2) * 0.5, m, out=sth).add_((th1 - th2) * 0.5)
         # m >= th 2^k - th/2  <=>  u = m/sth + 1/2 >= 2^k: the level is 2^floor(log2 u), i.e. u with
-        # its mantissa bits cleared (exact, and ~3x cheaper than frexp + ldexp); u < 1: no spike
-        # in place on fresh temporaries: on a CPU, allocating each large temporary costs as much as
-        # the arithmetic
-        u = torch.addcdiv(self._half(m), m, sth).clamp_(max=2.0 ** (self.levels - 1))
+        # its mantissa bits cleared (exact, and ~3x cheaper than frexp + ldexp); u < 1: no spike.
+        # In place on fresh tensors: on a CPU, allocating a large temporary costs as much as the
+        # arithmetic
+        u = torch.addcdiv(_half(m), m, sth, out=out).clamp_(max=2.0 ** (self.levels - 1))
         int_type, mask = _EXPONENT_MASKS[m.dtype]
         u.view(int_type).bitwise_and_(mask)
         level = nn.functional.threshold_(u, 0.75, 0.0)  # levels are powers of two: 1 passes, 0.5 not
-        if self.record:
-            self._count(level, sth)
         return level.mul_(sth)
 
-    def _half(self, m: Tensor) -> Tensor:
-        return torch.full((), 0.5, dtype=m.dtype, device=m.device)
-
-    def _count(self, level: Tensor, sth: Tensor) -> None:
-        # slot index k (+n for negative spikes); slot 2n collects silent neurons. A scatter, not a
-        # bincount, so a GPU never waits for the host.
-        _, e = torch.frexp(level)  # level = 2^k -> e = k + 1; silent (0) -> e = 0
-        idx = torch.where(e > 0, e - 1 + self.levels * sth.signbit(), 2 * self.levels).flatten().long()
-        counts = torch.zeros(2 * self.levels + 1, dtype=torch.long, device=level.device)
-        counts.scatter_add_(0, idx, torch.ones_like(idx))
-        self.spike_counts += counts[:-1]
-        self.neuron_steps += level.numel()
+    def _count(self, spikes: Tensor) -> None:
+        """Per-level counts of a whole output block: the sign and exponent bits of ``+-th 2^k`` are
+        those of ``th`` plus ``k``, so one histogram of them counts every level (silent: 0)."""
+        dtype = spikes.dtype
+        if dtype not in (torch.float32, torch.float64):
+            spikes = spikes.float()  # level-weighted half-precision spikes are exact in float32
+        int_type, shift, bins = (torch.int32, 23, 512) if spikes.dtype == torch.float32 else (torch.int64, 52, 4096)
+        keys = torch.bitwise_right_shift(spikes.view(int_type), shift).bitwise_and_(bins - 1)  # sign|exponent
+        hist = torch.bincount(keys.flatten(), minlength=bins)
+        sign = bins // 2
+        e1, e2 = (int(torch.bitwise_right_shift(th.to(dtype).to(spikes.dtype).view(int_type), shift))
+                  for th in (self.th1, self.th2))
+        n = self.levels
+        self.spike_counts += torch.cat([hist[e1:e1 + n], hist[sign + e2:sign + e2 + n]]).to(self.spike_counts)
+        self.neuron_steps += spikes.numel()
 
     def single_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
                                        **kwargs: object) -> tuple[tuple[Tensor], tuple[Tensor]]:
         (v,) = states
         m = v + inputs[0]
         x = self._fire(m)
+        if self.count_levels:
+            self._count(x)
         return (x,), (m.sub_(x),)  # m is this step's own tensor: it becomes the new membrane
 
     def multi_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
                                       **kwargs: object) -> tuple[tuple[Tensor], tuple[Tensor]]:
-        (v,) = states
-        out = []
-        for i in inputs[0]:
-            (x,), (v,) = self.single_step_functional_forward((i,), (v,))
-            out.append(x)
-        return (torch.stack(out),), (v,)
+        (v,), x_seq = states, inputs[0]
+        # [T, B, ...], contiguous (the next matrix product needs no copy): step t's spikes go to out[t]
+        out = torch.empty(x_seq.shape, dtype=x_seq.dtype, device=x_seq.device)
+        m = v + x_seq[0]  # a fresh membrane: the supplied state stays untouched
+        sth = torch.empty_like(m)
+        for t in range(x_seq.shape[0]):
+            if t:
+                m.add_(x_seq[t])
+            m.sub_(self._fire(m, sth, out[t]))  # the same operations as single_step_functional_forward
+        if self.count_levels:
+            self._count(out)
+        return (out,), (m,)
 
     def extra_repr(self) -> str:
         return f"th1={float(self.th1):.4g}, th2={float(self.th2):.4g}, levels={self.levels}"
+
+
+def _half(m: Tensor) -> Tensor:
+    return torch.full((), 0.5, dtype=m.dtype, device=m.device)

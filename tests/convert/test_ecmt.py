@@ -1,0 +1,277 @@
+"""ECMT conversion of timm ViTs (docs/methods.md §2): the converter, the layer-by-layer simulation
+against the single-step one and the ANN, calibration, operation counts, unsupported models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from csdlab.convert.ecmt import (AnalogEmbed, ECMTConverter, SpikingViT, convert_vit, mt_sites, percentile,
+                                 site_modules)
+from csdlab.eval.api import SpikingModel
+from csdlab.snn.ecmt import ECMatMul
+
+def _tiny_vit(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
+    # vit_tiny's widths (192, 3 heads) on 32x32 images: 16 patches + class token
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 8, "num_classes": 10, "depth": 2, **kwargs}
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def _images(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g).to(dtype)
+
+
+def _calibrated(ann: torch.nn.Module, **kwargs) -> ECMTConverter:
+    conv = ECMTConverter(**kwargs)
+    dtype = next(ann.parameters()).dtype
+    conv.calibrate(ann, [_images(8, seed=s, dtype=dtype) for s in (10, 11)], lambda t: t)
+    return conv
+
+
+_VARIANTS = [
+    ("vit_tiny_patch16_224", {}),  # class token, qkv bias
+    ("vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False, "fc_norm": True, "qkv_bias": False}),
+    ("deit_tiny_distilled_patch16_224", {}),  # class + distillation token, two heads averaged
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), _VARIANTS)
+def test_multi_step_equals_single_step_at_every_t(name: str, kwargs: dict) -> None:
+    ann = _tiny_vit(name, **kwargs).double()
+    conv = _calibrated(ann, T=6)
+    multi = conv.convert(ann)["T6"]
+    conv.multi_step = False
+    single = conv.convert(ann)["T6"]
+    x = _images(5, dtype=torch.float64)
+    ref = single(x)
+    assert ref.shape == (6, 5, 10)
+    assert (multi(x) - ref).abs().max().item() <= 1e-12
+    chunked = SpikingViT(multi.net, 6, images_per_pass=2)  # 2 + 2 + 1 images per pass
+    assert (chunked(x) - ref).abs().max().item() <= 1e-12
+    # the spiking network is not the ANN at t = 1 and gets closer with t
+    err = (ref - ann(x)).abs().mean(dim=(1, 2))
+    assert err[-1] < 0.5 * err[0], err
+
+
+@pytest.mark.parametrize(("name", "kwargs"), _VARIANTS)
+@pytest.mark.parametrize("multi_step", [True, False])
+def test_ec_only_snn_equals_ann_at_every_t(name: str, kwargs: dict, multi_step: bool) -> None:
+    ann = _tiny_vit(name, **kwargs).double()
+    x = _images(3, dtype=torch.float64)
+    with torch.no_grad():
+        ref = ann(x)
+    readout = SpikingViT(convert_vit(ann, spiking=False), 6, multi_step=multi_step)(x)
+    err = (readout - ref).abs().amax(dim=(1, 2))
+    assert readout.shape == (6, 3, 10) and err.max().item() < 1e-6, err
+    # float32 too, within rounding
+    ann32 = ann.float()
+    err32 = (SpikingViT(convert_vit(ann32, spiking=False), 6, multi_step=multi_step)(x.float()) - ann32(x.float()))
+    assert err32.abs().max().item() < 1e-4
+
+
+def test_distilled_deit_averages_its_two_heads() -> None:
+    ann = _tiny_vit("deit_tiny_distilled_patch16_224")
+    snn = _calibrated(ann, T=3).convert(ann)["T3"]
+    assert type(snn.net).__name__ == "VisionTransformerDistilled" and ann.num_prefix_tokens == 2
+    assert snn.analog_layers()[-2:] == [snn.net.head, snn.net.head_dist]
+    # EC only: the two heads' mean, as timm's eval forward
+    ec = SpikingViT(convert_vit(ann, spiking=False), 2)
+    x = _images(2)
+    torch.testing.assert_close(ec(x)[-1], ann(x), atol=1e-4, rtol=0)
+
+
+def test_spiking_vit_contract() -> None:
+    ann = _tiny_vit()
+    snn = _calibrated(ann, T=4).convert(ann)["T4"]
+    assert isinstance(snn, SpikingModel) and snn.time_steps == 4 and snn.readout_steps == [1, 2, 3, 4]
+    assert snn.time_flattened()
+    sites = snn.sites()
+    assert len(sites) == 8 * 2 and list(sites)[:2] == ["blocks.0.attn.mt_in", "blocks.0.attn.mt_q"]
+    analog = snn.analog_layers()
+    assert analog == [snn.net.patch_embed.embed.proj, snn.net.head]
+    keys = snn.state_dict()
+    assert "net.blocks.0.attn.mt_in.th1" in keys and not any("spike_counts" in k or "neuron_steps" in k for k in keys)
+    x = _images(3)
+    before = {k: v.clone() for k, v in ann.state_dict().items()}
+    snn(x)
+    assert all(torch.equal(before[k], v) for k, v in ann.state_dict().items())  # the ANN is untouched
+
+
+def test_per_step_op_counts_equal_single_step_counts() -> None:
+    ann = _tiny_vit().double()
+    conv = _calibrated(ann, T=5)
+    x = _images(4, dtype=torch.float64)
+
+    def counts(snn: SpikingViT) -> dict[str, list[tuple[float, float]]]:
+        """(MACs, ACs) per step of every module that counts itself."""
+        out: dict[str, list] = {}
+
+        def hook(name: str):
+            def fn(mod, inputs, output):
+                macs, acs = mod.count_ops(inputs, output)
+                if isinstance(macs, torch.Tensor):  # one multi-step call: one entry per step
+                    out.setdefault(name, []).extend(zip(macs.tolist(), acs.tolist()))
+                else:
+                    out.setdefault(name, []).append((macs, acs))
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in snn.net.named_modules()
+                   if isinstance(m, (ECMatMul, AnalogEmbed))]
+        snn(x)
+        for h in handles:
+            h.remove()
+        return out
+
+    multi = counts(conv.convert(ann)["T5"])
+    conv.multi_step = False
+    single = counts(conv.convert(ann)["T5"])
+    assert set(multi) == set(single) and len(multi) == 1 + 2 * 2  # patch embedding, qk and av per block
+    for name in single:
+        assert len(multi[name]) == len(single[name]) == 5
+        for (m1, a1), (m2, a2) in zip(multi[name], single[name]):
+            assert m1 == pytest.approx(m2, rel=1e-12) and a1 == pytest.approx(a2, rel=1e-12), name
+    assert single["patch_embed"][0][0] == 4 * 16 * 192 * 3 * 8 * 8  # B x patches x D x (C k k)
+
+
+def _reference_percentiles(ann: torch.nn.Module, batches: list[torch.Tensor], p: float) -> dict[str, tuple]:
+    """Site activations read off the float timm model itself (hooks), percentiles by sorting."""
+    acts: dict[str, torch.Tensor] = {}
+
+    def pre(name: str):
+        return lambda mod, inputs: acts.__setitem__(name, inputs[0])
+
+    def qkv_out(name: str, attn):
+        def fn(mod, inputs, output):
+            q, k, v = output.reshape(*output.shape[:2], 3, -1).unbind(2)
+            acts[f"{name}.mt_q"], acts[f"{name}.mt_k"], acts[f"{name}.mt_v"] = q, k, v
+        return fn
+
+    handles = []
+    for name, m in ann.named_modules():
+        if type(m).__name__ == "Attention":
+            handles += [m.qkv.register_forward_pre_hook(pre(f"{name}.mt_in")),
+                        m.qkv.register_forward_hook(qkv_out(name, m)),
+                        m.proj.register_forward_pre_hook(pre(f"{name}.mt_proj"))]
+        elif type(m).__name__ == "Mlp":
+            handles += [m.fc1.register_forward_pre_hook(pre(f"{name}.mt_fc1")),
+                        m.fc2.register_forward_pre_hook(pre(f"{name}.mt_fc2"))]
+
+    def nearest_rank(x: torch.Tensor, q: float) -> float:
+        s = x.flatten().float().sort().values
+        return s[min(max(math.ceil(q / 100 * s.numel() - 1e-9), 1), s.numel()) - 1].item()
+
+    sums: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for x in batches:
+            ann(x)
+            for name, a in acts.items():
+                hi_lo = sums.setdefault(name, [0.0, 0.0])
+                hi_lo[0] += nearest_rank(a, p)
+                hi_lo[1] += nearest_rank(a, 100 - p)
+    for h in handles:
+        h.remove()
+    return {n: (hi / len(batches), -lo / len(batches)) for n, (hi, lo) in sums.items()}
+
+
+def test_calibration_equals_reference_percentiles_and_two_processes_equal_one() -> None:
+    ann = _tiny_vit(depth=2).double()  # float64: the SNN layout's operation order changes nothing
+    batches = [_images(8, seed=s, dtype=torch.float64) for s in range(4)]
+    conv = ECMTConverter(percentile=97.0)
+    summary = conv.calibrate(ann, batches, lambda t: t)
+    assert summary["batches"] == 4 and set(summary["thresholds"]) == set(conv.thresholds)
+    ref = _reference_percentiles(ann, batches, 97.0)
+    assert len(conv.thresholds) == 16 and len(ref) == 14  # two softmax sites take the fixed 0.0125
+    for name, th in conv.thresholds.items():
+        if name.endswith("mt_attn"):
+            assert th == (0.0125, 0.0125)
+        else:
+            assert th == pytest.approx(ref[name], rel=1e-9, abs=1e-12), name
+    # two processes, two batches each: per-process sums, then all_reduce adds the other's share
+    shared = []
+    rank1 = ECMTConverter(percentile=97.0)
+    rank1.calibrate(ann, batches[2:], lambda t: shared.append(t.clone()) or t)
+    rank0 = ECMTConverter(percentile=97.0)
+    rank0.calibrate(ann, batches[:2], lambda t: t + shared[0])
+    for name, th in conv.thresholds.items():
+        assert rank0.thresholds[name] == pytest.approx(th, rel=1e-12), name
+
+
+def test_calibration_fixed_thresholds_override_percentiles() -> None:
+    ann = _tiny_vit(depth=1)
+    conv = ECMTConverter(softmax_threshold=None, gelu_thresholds=(0.25, 0.08))
+    conv.calibrate(ann, [_images(4)], lambda t: t)
+    assert conv.thresholds["blocks.0.mlp.mt_fc2"] == (0.25, 0.08)
+    th1, th2 = conv.thresholds["blocks.0.attn.mt_attn"]  # softmax from its percentile: positive only
+    assert 0 < th1 <= 1 and th2 == th1  # no negative activations: the negative side mirrors
+
+
+@pytest.mark.parametrize("shape", [(17_000_000,), (64, 197, 384), (1000, 500)])
+def test_percentile_is_exact(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    if len(shape) == 2:  # heavy ties: mostly zeros, like a post-softmax / sparse tensor
+        x = x * (torch.rand(shape) < 0.02)
+    flat = x.flatten()
+    for q in (99.0, 1.0, 99.9, 50.0):
+        k = min(max(int(torch.tensor(q / 100 * flat.numel()).ceil()), 1), flat.numel())
+        assert percentile(x, q).item() == flat.kthvalue(k).values.item(), q
+    if shape == (17_000_000,):  # torch.quantile refuses > 16M elements
+        assert percentile(torch.arange(17_000_000.0), 99.0).item() == pytest.approx(0.99 * 17_000_000, abs=2)
+
+
+def test_converter_rejects_bad_arguments() -> None:
+    for kwargs, match in [({"T": 0}, "T must be"), ({"levels": 0}, "levels must be"),
+                          ({"percentile": 50.0}, r"percentile must be in \(50, 100\]"),
+                          ({"percentile": 101.0}, "percentile"), ({"softmax_threshold": 0.0}, "softmax_threshold"),
+                          ({"gelu_thresholds": (0.25, -0.1)}, "gelu_thresholds"),
+                          ({"images_per_pass": 0}, "images_per_pass")]:
+        with pytest.raises(ValueError, match=match):
+            ECMTConverter(**kwargs)
+    ann = _tiny_vit(depth=1)
+    with pytest.raises(ValueError, match="run calibrate"):
+        ECMTConverter().convert(ann)
+    with pytest.raises(ValueError, match="no batches"):
+        ECMTConverter().calibrate(ann, [], lambda t: t)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "vit_small_patch16_224"])
+def test_timm_models_convert(name: str) -> None:
+    torch.manual_seed(0)
+    ann = timm.create_model(name, pretrained=False).eval()
+    conv = ECMTConverter(T=2)
+    conv.check(ann)
+    conv.calibrate(ann, [torch.randn(1, 3, 224, 224)], lambda t: t)
+    snn = conv.convert(ann)["T2"]
+    assert len(snn.sites()) == 8 * len(ann.blocks) == len(site_modules(snn.net))
+    out = snn(torch.randn(1, 3, 224, 224))
+    assert out.shape == (2, 1, 1000) and torch.isfinite(out).all()
+
+
+def test_swin_gets_a_clear_error() -> None:
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    with pytest.raises(ValueError, match=r"SwinTransformer.*WindowAttention x\d+ \(layers\.0\.blocks\.0\.attn"):
+        ECMTConverter().check(swin)
+    assert all(p.device.type == "cpu" for p in swin.parameters())  # check() left the model alone
+
+
+def test_unknown_module_inside_a_vit_is_listed() -> None:
+    ann = _tiny_vit(depth=1)
+    ann.blocks[0].mlp.act = torch.nn.Hardswish()  # fine: any activation is wrapped by an EC
+    ECMTConverter().check(ann)
+    ann.blocks[0].ls1 = torch.nn.BatchNorm1d(17)
+    with pytest.raises(ValueError, match=r"BatchNorm1d x1 \(blocks\.0\.ls1\)"):
+        ECMTConverter().check(ann)
+    with pytest.raises(ValueError, match="attention pooling"):
+        ECMTConverter().check(_tiny_vit(depth=1, global_pool="map"))
+
+
+def test_mt_sites_of_a_converted_network() -> None:
+    snn = convert_vit(_tiny_vit(depth=2))
+    assert len(mt_sites(snn)) == 16 and list(mt_sites(snn)) == list(site_modules(snn))
+    assert all(type(m).__name__ == "Identity" for m in site_modules(convert_vit(_tiny_vit(depth=1),
+                                                                               spiking=False)).values())
