@@ -308,8 +308,9 @@ class SpikingViT(SpikingModel):
         return dict(mt_sites(self.net))
 
     def analog_layers(self) -> list[nn.Module]:
-        """Conv/Linear layers fed analog values (docs/methods.md §2.3): patch embedding and head(s)."""
-        layers = [m for m in self.net.patch_embed.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        """Conv/Linear layers fed analog values (docs/methods.md §2.3): patch embedding (with its
+        wrapper, which counts its own MACs) and head(s)."""
+        layers = [m for m in self.net.patch_embed.modules() if isinstance(m, (nn.Conv2d, nn.Linear, AnalogEmbed))]
         heads = [self.net.head] + ([self.net.head_dist] if hasattr(self.net, "head_dist") else [])
         return layers + [m for h in heads for m in h.modules() if isinstance(m, nn.Linear)]
 
