@@ -6,9 +6,9 @@
 * A Conv2d / Linear fed by events costs one AC per (non-zero input event) x (its actual fan-out):
   for a Linear every event reaches ``out_features`` outputs; for a convolution an event reaches
   only the output positions whose window covers it, which near the border is fewer than
-  ``kh * kw`` (padding). The count is exact: a convolution of the event mask with a ones kernel
-  gives, per output position, the events in its window (SpikingJelly 2.0's ``op_counter`` counts
-  spiking convolutions the same way; a test checks the two agree).
+  ``kh * kw`` (padding). The count is exact (:func:`csdlab.snn.counting.synaptic_events`: events
+  per input position times the number of output windows covering it; SpikingJelly 2.0's
+  ``op_counter`` counts spiking convolutions the same way, and a test checks the two agree).
 * Any other module counts itself by defining ``count_ops(inputs, output) -> (macs, acs)``
   (the TDEC spike products, the ECMT matrix-product EC, the MBE products, ...); the counter does
   not descend into such a module.
@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from csdlab.snn.counting import synaptic_events
 
 __all__ = ["E_MAC_PJ", "E_AC_PJ", "LayerOps", "OpCounter", "dense_macs", "synaptic_events", "ann_macs",
            "energy_ratio"]
@@ -54,40 +55,6 @@ def dense_macs(module: nn.Module, output: Tensor) -> float:
     if isinstance(module, nn.Linear):
         return float(output.numel() * module.in_features)
     raise TypeError(f"dense_macs takes nn.Conv2d or nn.Linear, got {type(module).__name__}")
-
-
-def _conv_fan_out(module: nn.Conv2d, height: int, width: int, device: torch.device) -> Tensor:
-    """``[H, W]``: how many output positions each input position reaches (its actual fan-out per
-    output channel, padding, stride and dilation included). It is the gradient of the number of
-    (output position, input position) pairs, i.e. of a ones-kernel convolution of a ones image."""
-    # autograd on a tiny image, also inside Trainer.test's inference mode
-    with torch.inference_mode(False), torch.enable_grad():
-        x = torch.ones(1, 1, height, width, device=device, requires_grad=True)
-        padded, padding = x, module.padding
-        if module.padding_mode != "zeros":  # padded copies of border inputs reach outputs too
-            padded, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
-        ones = torch.ones(1, 1, *module.kernel_size, device=device)
-        F.conv2d(padded, ones, None, module.stride, padding, module.dilation).sum().backward()
-    return x.grad[0, 0].detach()
-
-
-def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
-    """Synaptic operations of an event-driven Conv2d / Linear: for every sample (dim 0) of ``x``,
-    the sum over non-zero input entries of the number of outputs each one reaches. ``[N]``, float64.
-
-    Args:
-        module: the ``nn.Conv2d`` or ``nn.Linear`` layer.
-        x: its input, ``[N, ...]`` (a leading batch-like dimension, e.g. ``T*B`` or ``B``).
-    """
-    mask = x != 0
-    if isinstance(module, nn.Linear):
-        return mask.flatten(1).sum(1, dtype=torch.float64) * module.out_features
-    if isinstance(module, nn.Conv2d):
-        # an event at (c, i, j) reaches fan_out[i, j] positions in each of its group's C_out / g channels
-        fan_out = _conv_fan_out(module, x.shape[-2], x.shape[-1], x.device)
-        events = mask.sum(1, dtype=torch.float32)  # [N, H, W] events per position
-        return (events * fan_out).flatten(1).sum(1, dtype=torch.float64) * (module.out_channels // module.groups)
-    raise TypeError(f"synaptic_events takes nn.Conv2d or nn.Linear, got {type(module).__name__}")
 
 
 def _per_step(values: Tensor | float, steps: int, step: int | None) -> Tensor:

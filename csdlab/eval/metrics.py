@@ -32,6 +32,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from csdlab.energy import E_AC_PJ, E_MAC_PJ, OpCounter, ann_macs
 from csdlab.eval.api import SpikingModel
+from csdlab.snn.counting import nonzero_per_row
 
 __all__ = ["VectorSum", "ConversionMetrics", "FiringCounter", "check_finite"]
 
@@ -69,7 +70,7 @@ class FiringCounter:
             if hasattr(mod, "count_events"):
                 events, steps = mod.count_events(inputs, output)
             else:
-                events, steps = torch.count_nonzero(output), output.numel()
+                events, steps = nonzero_per_row(output.reshape(1, -1))[0], output.numel()
             self.counts[0, i] += events
             self.counts[1, i] += steps
         return hook

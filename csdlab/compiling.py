@@ -1,0 +1,72 @@
+"""``torch.compile`` with an eager fallback for csdlab's few hot elementwise kernels.
+
+Training applies an LSQ quantizer after every layer and a converted SNN runs a DIF neuron there;
+eagerly, each is a chain of 5-12 elementwise passes over large tensors, which inductor fuses into
+one loop (:mod:`csdlab.quant.lsq`, :mod:`csdlab.snn.neurons`). The plain Python function is always
+the reference: a kernel falls back to it
+
+* where compiling is impossible (no C++ compiler or Triton, unsupported platform): the first
+  failure is logged and the process stays eager from then on;
+* when the environment variable ``CSDLAB_COMPILE`` is ``0`` (or ``false`` / ``no`` / ``off``);
+* inside an outer ``torch.compile`` (dynamo then traces the plain function into its own graph),
+  and under a Python dispatch mode (a memory tracker, a FLOP counter), which dynamo does not trace.
+
+Inductor compiles with ``-ffp-contract=off`` and without unsafe math, so a compiled kernel
+performs the same IEEE operations as the eager one: the tests check bit equality.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["COMPILE_ENV", "compile_allowed", "CompiledKernel"]
+
+log = logging.getLogger(__name__)
+
+#: environment variable: ``0`` keeps every csdlab kernel eager (no torch.compile) in this process
+COMPILE_ENV = "CSDLAB_COMPILE"
+
+
+def compile_allowed() -> bool:
+    """False when ``CSDLAB_COMPILE`` is ``0`` / ``false`` / ``no`` / ``off``."""
+    return os.environ.get(COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class CompiledKernel:
+    """``fn`` compiled on first use (dynamic shapes, one graph), ``fn`` itself as the fallback.
+
+    Args:
+        fn: a pure tensor function (no side effects, no data-dependent Python control flow).
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._compiled: Callable[..., Any] | None = None
+        self.failed: str | None = None  # why compiling failed, once it has
+
+    @property
+    def usable(self) -> bool:
+        """Whether the compiled kernel may be used now: allowed, not failed, not inside dynamo, and
+        no Python dispatch mode active (dynamo does not trace under one, e.g. a memory tracker)."""
+        return (self.failed is None and compile_allowed() and not torch.compiler.is_compiling()
+                and _get_current_dispatch_mode() is None)
+
+    def __call__(self, *args: Any, compiled: bool = True) -> Any:
+        """Run the compiled kernel when ``compiled`` and :attr:`usable`, else the eager ``fn``."""
+        if compiled and self.usable:
+            try:
+                if self._compiled is None:
+                    # dynamic: the callers pass flattened tensors, so one graph serves every size
+                    self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                return self._compiled(*args)
+            except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
+                self.failed = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                log.warning("torch.compile of %s failed (%s); running it eagerly from now on (same "
+                            "results, slower)", self.fn.__qualname__, self.failed)
+        return self.fn(*args)

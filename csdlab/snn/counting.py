@@ -1,0 +1,132 @@
+"""Exact and cheap event counts for the evaluation's firing and operation counters.
+
+The evaluation counts, at every batch, the spikes of every neuron layer and the synaptic events
+(non-zero input x fan-out) of every spike-fed Conv2d / Linear. On a CPU the obvious reductions are
+slow: measured with torch 2.14 on one thread over a 4 M-element float tensor, ``count_nonzero``
+takes ~30 ms, ``(x != 0).sum(dtype=float64)`` ~48 ms, while ``x.sum()`` takes 0.7 ms and
+``torch.ne(x, 0, out=<float tensor>)`` 1.2 ms; a ``conv2d`` of the event mask with a ones kernel
+(the conv's occupancy) costs as much as a small convolution. The functions here give the same
+integers from the fast operations:
+
+* a binary tensor's event count is its sum; a general one's is the sum of ``x != 0`` written as
+  floats. Float32 sums are exact while every partial sum stays below 2^24, so rows are summed in
+  chunks of at most 2^24 entries;
+* a convolution's synaptic events are ``sum_{c,h,w} [x != 0] * cover(h, w) * C_out / groups``,
+  where ``cover(h, w)`` counts the output windows that contain input position ``(h, w)`` (fewer
+  than ``kh * kw`` near the border). ``cover`` is separable and depends only on the geometry.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["count_spikes", "nonzero_per_row", "conv_cover", "synaptic_events"]
+
+_CHUNK = 1 << 24  # float32 represents every integer up to 2^24 exactly
+
+
+def _exact_row_sums(values: Tensor) -> Tensor:
+    """Row sums of a ``[N, M]`` tensor of small non-negative integers (as floats), float64, exact."""
+    if values.dtype == torch.float64 or values.shape[1] <= _CHUNK:
+        return values.sum(1, dtype=values.dtype).to(torch.float64)
+    return torch.stack([c.sum(1) for c in values.split(_CHUNK, dim=1)], 1).to(torch.float64).sum(1)
+
+
+def count_spikes(x: Tensor) -> Tensor:
+    """Number of ones in the binary (0/1) tensor ``x``: its sum, exact.
+
+    Returns a 0-d float64 tensor on ``x``'s device (no host synchronisation).
+    """
+    flat = x.detach().reshape(1, -1)
+    if not flat.is_floating_point():
+        flat = flat.to(torch.float32)
+    return _exact_row_sums(flat)[0]
+
+
+def nonzero_per_row(x: Tensor) -> Tensor:
+    """Non-zero entries of ``x`` per row (dim 0; NaN counts as non-zero, as ``x != 0`` does).
+
+    Returns ``[x.shape[0]]`` float64 on ``x``'s device.
+    """
+    x = x.detach()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mask = torch.ne(x, 0, out=torch.empty(x.shape, dtype=dtype, device=x.device))  # 1.0 / 0.0
+    return _exact_row_sums(mask.reshape(x.shape[0], -1))
+
+
+def _cover_1d(size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int) -> list[int]:
+    cover = [0] * size
+    for o in range(out_size):
+        for j in range(kernel):
+            i = o * stride - padding + j * dilation
+            if 0 <= i < size:
+                cover[i] += 1
+    return cover
+
+
+@functools.lru_cache(maxsize=256)
+def _cover_cached(hw: tuple[int, int], out_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                  padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    rows = _cover_1d(hw[0], out_hw[0], kernel[0], stride[0], padding[0], dilation[0])
+    cols = _cover_1d(hw[1], out_hw[1], kernel[1], stride[1], padding[1], dilation[1])
+    return torch.tensor(rows, dtype=torch.float32)[:, None] * torch.tensor(cols, dtype=torch.float32)[None, :]
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _cover_by_gradient(conv: nn.Conv2d, hw: tuple[int, int]) -> Tensor:
+    """Any padding mode / ``padding="same"``: the cover is the gradient of the number of (output
+    position, input position) pairs, i.e. of a ones-kernel convolution of a ones image (reflect /
+    replicate / circular padding repeat border inputs, which then reach more outputs)."""
+    import torch.nn.functional as F
+
+    # autograd on a tiny image, also inside Trainer.test's inference mode
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.ones(1, 1, *hw, requires_grad=True)
+        padded, padding = x, conv.padding
+        if conv.padding_mode != "zeros":
+            padded, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+        ones = torch.ones(1, 1, *conv.kernel_size)
+        F.conv2d(padded, ones, None, conv.stride, padding, conv.dilation).sum().backward()
+    return x.grad[0, 0].detach()
+
+
+def conv_cover(conv: nn.Conv2d, hw: tuple[int, int]) -> Tensor:
+    """``[H, W]``: for each input position of ``conv`` (input size ``hw``), the number of output
+    positions whose window contains it (float32, on the CPU)."""
+    if conv.padding_mode != "zeros" or not isinstance(conv.padding, (tuple, list)):
+        return _cover_by_gradient(conv, hw)
+    k, s, p, d = (_pair(v) for v in (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+    out_hw = tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+    return _cover_cached(tuple(hw), out_hw, k, s, p, d)
+
+
+def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
+    """Synaptic operations of an event-driven Conv2d / Linear: for every row (dim 0) of ``x``, the
+    sum over non-zero input entries of the number of outputs each one reaches. ``[N]``, float64.
+
+    The same integers as an occupancy convolution of the event mask with a ones kernel (what
+    SpikingJelly's op counter does), from one comparison pass and one reduction.
+
+    Args:
+        module: the ``nn.Conv2d`` or ``nn.Linear`` layer.
+        x: its input, ``[N, ...]`` (a leading batch-like dimension, e.g. ``T*B`` or ``B``).
+    """
+    if isinstance(module, nn.Linear):
+        return nonzero_per_row(x) * module.out_features
+    if isinstance(module, nn.Conv2d):
+        x = x.detach()
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mask = torch.ne(x, 0, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+        # [N, H, W]: events over channels (<= C_in, exact); C_in times smaller than x, so the
+        # weighted sum runs in float64, exact however large the window counts get
+        per_position = mask.sum(1).to(torch.float64)
+        cover = conv_cover(module, tuple(x.shape[-2:])).to(per_position)  # [H, W]
+        return per_position.mul_(cover).flatten(1).sum(1) * (module.out_channels // module.groups)
+    raise TypeError(f"synaptic_events takes nn.Conv2d or nn.Linear, got {type(module).__name__}")

@@ -1,0 +1,53 @@
+"""csdlab.snn.counting: the fast event counts equal the direct definitions exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from csdlab.snn import counting
+from csdlab.snn.counting import conv_cover, count_spikes, nonzero_per_row, synaptic_events
+
+
+def occupancy_events(module: nn.Module, x: Tensor) -> Tensor:
+    """The definition: events in each output window (a ones-kernel conv of the mask), x C_out/groups."""
+    mask = (x != 0).to(torch.float64)
+    if isinstance(module, nn.Linear):
+        return mask.flatten(1).sum(1) * module.out_features
+    g = module.groups
+    ones = torch.ones(g, module.in_channels // g, *module.kernel_size, dtype=torch.float64)
+    occ = F.conv2d(mask, ones, None, module.stride, module.padding, module.dilation, g)
+    return occ.flatten(1).sum(1) * (module.out_channels // g)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(8, 16, 3, 1, 1), nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(8, 16, (3, 5), (2, 3), (1, 2), dilation=(1, 2)),
+    nn.Conv2d(8, 16, 3, 2, 0, groups=2), nn.Conv2d(8, 4, 4, 3, 1), nn.Conv2d(8, 8, 1),
+], ids=["3x3", "stride2", "rect-dilated", "groups", "k4s3", "1x1"])
+@pytest.mark.parametrize("hw", [(9, 9), (10, 7), (16, 16)])
+def test_conv_synaptic_events(conv: nn.Conv2d, hw: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(hw[0] * hw[1])
+    x = (torch.rand(6, 8, *hw, generator=g) < 0.3).float() * torch.randn(6, 8, *hw, generator=g)  # non-binary
+    assert torch.equal(synaptic_events(conv, x), occupancy_events(conv, x))
+
+
+def test_conv_cover_counts_windows() -> None:
+    cover = conv_cover(nn.Conv2d(1, 1, 3, 1, 1), (4, 4))
+    assert cover[0].tolist() == [4.0, 6.0, 6.0, 4.0] and cover[1].tolist() == [6.0, 9.0, 9.0, 6.0]
+
+
+def test_linear_and_binary_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(5, 7, 33, generator=g) < 0.3).float()
+    x[0, 0, 0] = float("nan")  # NaN != 0: an event, as in the definition
+    lin = nn.Linear(33, 4)
+    assert torch.equal(synaptic_events(lin, x), occupancy_events(lin, x))
+    assert nonzero_per_row(x).tolist() == torch.count_nonzero(x.flatten(1), 1).double().tolist()
+    spikes = (torch.rand(3, 1000, generator=g) < 0.5).float()
+    assert float(count_spikes(spikes)) == float(torch.count_nonzero(spikes))
+    # the chunked float32 path (rows longer than the exact-sum limit) gives the same integers
+    monkeypatch.setattr(counting, "_CHUNK", 64)
+    assert float(count_spikes(spikes)) == float(torch.count_nonzero(spikes))
+    assert nonzero_per_row(x).tolist() == torch.count_nonzero(x.flatten(1), 1).double().tolist()

@@ -1,0 +1,41 @@
+"""csdlab.compiling: a compiled kernel falls back to its eager function, and says so once."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from csdlab import compiling
+from csdlab.compiling import CompiledKernel, compile_allowed
+
+
+def _axpy(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return x * a + 1.0
+
+
+def test_failed_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    k = CompiledKernel(_axpy)
+    x, a = torch.arange(4.0), torch.tensor(2.0)
+    with caplog.at_level(logging.WARNING, logger=compiling.__name__):
+        assert k(x, a).tolist() == [1.0, 3.0, 5.0, 7.0]
+        assert k(x, a).tolist() == [1.0, 3.0, 5.0, 7.0]
+    assert k.failed is not None and "no C++ compiler" in k.failed and not k.usable
+    assert sum("failed" in r.message for r in caplog.records) == 1  # logged once, then quietly eager
+
+
+@pytest.mark.parametrize(("value", "allowed"), [("0", False), ("off", False), ("False", False), ("1", True), ("", True)])
+def test_environment_switch(monkeypatch: pytest.MonkeyPatch, value: str, allowed: bool) -> None:
+    monkeypatch.setenv("CSDLAB_COMPILE", value)
+    assert compile_allowed() is allowed
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(1) or fn)
+    CompiledKernel(_axpy)(torch.ones(2), torch.tensor(3.0))
+    assert calls == ([1] if allowed else [])
