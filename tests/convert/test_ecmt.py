@@ -93,7 +93,7 @@ def test_spiking_vit_contract() -> None:
     sites = snn.sites()
     assert len(sites) == 8 * 2 and list(sites)[:2] == ["blocks.0.attn.mt_in", "blocks.0.attn.mt_q"]
     analog = snn.analog_layers()
-    assert analog == [snn.net.patch_embed.embed.proj, snn.net.head]
+    assert analog == [snn.net.patch_embed, snn.net.patch_embed.embed.proj, snn.net.head]
     keys = snn.state_dict()
     assert "net.blocks.0.attn.mt_in.th1" in keys and not any("spike_counts" in k or "neuron_steps" in k for k in keys)
     x = _images(3)
