@@ -47,7 +47,7 @@ from csdlab.snn.ecmt import ECFunction, ECMatMul, TimeFlatModule
 from csdlab.snn.neurons import MTNeuron
 
 __all__ = ["ECMTConverter", "SpikingViT", "ECMTAttention", "ECMTMlp", "AnalogEmbed", "convert_vit", "mt_sites",
-           "site_modules", "percentile", "site_overrides", "thresholds_from_percentiles", "set_thresholds"]
+           "site_modules", "percentile", "percentile_pair", "site_overrides", "thresholds_from_percentiles", "set_thresholds"]
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ ATTENTION_SITES = ("mt_in", "mt_q", "mt_k", "mt_v", "mt_attn", "mt_proj")
 MLP_SITES = ("mt_fc1", "mt_fc2")
 
 
-def _neuron(levels: int, spiking: bool) -> nn.Module:
-    # spiking=False keeps every site but passes values through: the "EC only" network
-    return MTNeuron(levels=levels) if spiking else nn.Identity()
+def _neuron(levels: int, spiking: bool, inplace: bool = False) -> nn.Module:
+    # spiking=False keeps every site but passes values through: the "EC only" network;
+    # inplace only where the input current is a fresh tensor of this module that nothing else reads
+    return MTNeuron(levels=levels, inplace=inplace) if spiking else nn.Identity()
 
 
 def _ec_or_identity(m: nn.Module) -> nn.Module:
@@ -86,10 +87,10 @@ class ECMTAttention(nn.Module):
         self.qkv, self.proj = attn.qkv, attn.proj
         self.q_norm, self.k_norm = _ec_or_identity(attn.q_norm), _ec_or_identity(attn.k_norm)
         self.norm = _ec_or_identity(attn.norm)
-        self.mt_in, self.mt_q, self.mt_k, self.mt_v, self.mt_attn, self.mt_proj = (
-            _neuron(levels, spiking) for _ in range(6))
+        self.mt_in, self.mt_q, self.mt_k, self.mt_v = (_neuron(levels, spiking) for _ in range(4))
+        self.mt_attn, self.mt_proj = _neuron(levels, spiking, inplace=True), _neuron(levels, spiking, inplace=True)
         self.qk = ECMatMul(scale=attn.scale)
-        self.softmax = ECFunction(nn.Softmax(dim=-1))
+        self.softmax = ECFunction(nn.Softmax(dim=-1), inplace=True)  # its input: the q k^T product
         self.av = ECMatMul()
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -118,8 +119,8 @@ class ECMTMlp(nn.Module):
     def __init__(self, mlp: Mlp, levels: int = 8, spiking: bool = True) -> None:
         super().__init__()
         self.fc1, self.fc2 = mlp.fc1, mlp.fc2
-        self.act, self.norm = ECFunction(mlp.act), _ec_or_identity(mlp.norm)
-        self.mt_fc1, self.mt_fc2 = _neuron(levels, spiking), _neuron(levels, spiking)
+        self.act, self.norm = ECFunction(mlp.act, inplace=True), _ec_or_identity(mlp.norm)  # act: fc1's output
+        self.mt_fc1, self.mt_fc2 = _neuron(levels, spiking), _neuron(levels, spiking, inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.mt_fc2(self.norm(self.act(self.fc1(self.mt_fc1(x))))))
@@ -297,6 +298,7 @@ class SpikingViT(SpikingModel):
         for m in net.modules():
             if isinstance(m, TimeFlatModule):
                 m.step_mode = "m" if multi_step else "s"
+                m.keep_state = not multi_step  # all T steps in one call, reset after: no state to keep
             if isinstance(m, (TimeFlatModule, AnalogEmbed)):
                 m.flat_steps = time_steps if multi_step else None
         functional.invalidate_reset_cache(net)
@@ -369,12 +371,7 @@ def _kth_smallest(flat: Tensor, k: int) -> Tensor:
         return flat.kthvalue(k).values
     from_top = k > n // 2
     r = n - k + 1 if from_top else k  # rank counted from the nearer end
-    m = 4096
-    g = torch.Generator(device=flat.device).manual_seed(0)
-    sample = flat[torch.randint(n, (m,), generator=g, device=flat.device)]
-    expected = r / n * m  # sample elements expected beyond the answer; pass 1.5x that + 4 sigma
-    j = min(m, int(1.5 * expected + 4 * math.sqrt(expected) + 16))
-    bound = sample.kthvalue(m - j + 1 if from_top else j).values
+    bound = _tail_bound(flat, _sample(flat), r, from_top)
     tail = flat[flat >= bound] if from_top else flat[flat <= bound]
     c = tail.numel()
     if c < r:
@@ -382,14 +379,50 @@ def _kth_smallest(flat: Tensor, k: int) -> Tensor:
     return tail.kthvalue(c - r + 1 if from_top else r).values
 
 
+def _tail_bound(flat: Tensor, sample: Tensor, rank: int, from_top: bool) -> Tensor:
+    """A bound with (almost always) at least ``rank`` elements of ``flat`` beyond it, from ``sample``."""
+    m, n = sample.numel(), flat.numel()
+    expected = rank / n * m  # sample elements expected beyond the answer; pass 1.5x that + 4 sigma
+    j = min(m, int(1.5 * expected + 4 * math.sqrt(expected) + 16))
+    return sample.kthvalue(m - j + 1 if from_top else j).values
+
+
+def _sample(flat: Tensor) -> Tensor:
+    g = torch.Generator(device=flat.device).manual_seed(0)
+    return flat[torch.randint(flat.numel(), (4096,), generator=g, device=flat.device)]
+
+
+def _rank(q: float, n: int) -> int:
+    # nearest rank, computed in float32 as this code always has (thresholds stay bit-identical)
+    return min(max(int(torch.tensor(q / 100 * n).ceil()), 1), n)
+
+
+def percentile_pair(x: Tensor, p: float) -> Tensor:
+    """``[p-th, (100-p)-th]`` nearest-rank percentiles of all of ``x`` (float32, exact), p > 50:
+    both tails cut out in one pass (one mask, one selection), then ``kthvalue`` on each tail."""
+    flat = x.detach().flatten().float()
+    n = flat.numel()
+    k_hi, k_lo = _rank(p, n), _rank(100 - p, n)
+    if n <= _EXACT_BELOW:
+        return torch.stack([flat.kthvalue(k_hi).values, flat.kthvalue(k_lo).values])
+    sample = _sample(flat)
+    r_hi, r_lo = n - k_hi + 1, k_lo  # ranks from the top / from the bottom
+    hi_bound, lo_bound = _tail_bound(flat, sample, r_hi, True), _tail_bound(flat, sample, r_lo, False)
+    if bool(lo_bound < hi_bound):
+        mask = torch.ge(flat, hi_bound).logical_or_(torch.le(flat, lo_bound))
+        tails = flat[mask]  # ~1.5x both tails: all that can hold the two answers
+        upper, lower = tails[tails >= hi_bound], tails[tails <= lo_bound]
+        if upper.numel() >= r_hi and lower.numel() >= r_lo:
+            return torch.stack([upper.kthvalue(upper.numel() - r_hi + 1).values, lower.kthvalue(r_lo).values])
+    return torch.stack([_kth_smallest(flat, k_hi), _kth_smallest(flat, k_lo)])  # the bounds missed (rare)
+
+
 def percentile(x: Tensor, q: float) -> Tensor:
     """Nearest-rank ``q``-th percentile of all of ``x`` in float32 (exact; no 16M-element limit)."""
     if not 0 <= q <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {q}")
     flat = x.detach().flatten().float()
-    # the rank in float32, as this code has always computed it (thresholds stay bit-identical)
-    k = min(max(int(torch.tensor(q / 100 * flat.numel()).ceil()), 1), flat.numel())
-    return _kth_smallest(flat, k)
+    return _kth_smallest(flat, _rank(q, flat.numel()))
 
 
 def site_overrides(sites: Iterable[str], softmax_threshold: float | None = 0.0125,
@@ -489,8 +522,7 @@ class ECMTConverter(Converter):
 
         def hook(i: int) -> Callable[..., None]:
             def fn(mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-                sums[i, 0] += percentile(inputs[0], p)
-                sums[i, 1] += percentile(inputs[0], 100 - p)
+                sums[i] += percentile_pair(inputs[0], p)
 
             return fn
 

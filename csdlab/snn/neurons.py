@@ -160,15 +160,19 @@ class MTNeuron(TimeFlatModule):
         th2: negative base threshold magnitude (> 0).
         levels: number of levels per sign n (>= 1).
         count_levels: count spikes per level (off by default: the evaluation counts non-zero
-            outputs itself).
+            outputs, :meth:`count_events`).
+        inplace: multi-step: write the spikes over a contiguous input current (for an input that
+            nothing else reads; saves a ``[T*B, ...]`` tensor), like ``nn.ReLU(inplace=True)``.
     """
 
-    def __init__(self, th1: float = 1.0, th2: float = 1.0, levels: int = 8, count_levels: bool = False) -> None:
+    def __init__(self, th1: float = 1.0, th2: float = 1.0, levels: int = 8, count_levels: bool = False,
+                 inplace: bool = False) -> None:
         super().__init__()
         if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
             raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
         self.levels = levels
         self.count_levels = count_levels
+        self.inplace = inplace
         self.register_buffer("th1", torch.tensor(1.0))
         self.register_buffer("th2", torch.tensor(1.0))
         self.set_thresholds(th1, th2)
@@ -192,6 +196,11 @@ class MTNeuron(TimeFlatModule):
     def clear_counts(self) -> None:
         self.spike_counts.zero_()
         self.neuron_steps.zero_()
+
+    def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, int]:
+        """Spikes (non-zero outputs: at most one per neuron and step) and neuron-steps of the call
+        that produced ``output``; counted on the boolean view, ~7x faster than on the floats."""
+        return torch.count_nonzero(output.bool()), output.numel()
 
     def materialize_states(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
                            step_mode: str) -> tuple[Tensor]:
@@ -247,8 +256,12 @@ class MTNeuron(TimeFlatModule):
     def multi_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
                                       **kwargs: object) -> tuple[tuple[Tensor], tuple[Tensor]]:
         (v,), x_seq = states, inputs[0]
-        # [T, B, ...], contiguous (the next matrix product needs no copy): step t's spikes go to out[t]
-        out = torch.empty(x_seq.shape, dtype=x_seq.dtype, device=x_seq.device)
+        # [T, B, ...], contiguous (the next matrix product needs no copy): step t's spikes go to
+        # out[t], after x_seq[t] has been added to the membrane (so out may be x_seq itself)
+        if self.inplace and x_seq.is_contiguous():
+            out = x_seq
+        else:
+            out = torch.empty(x_seq.shape, dtype=x_seq.dtype, device=x_seq.device)
         m = v + x_seq[0]  # a fresh membrane: the supplied state stays untouched
         sth = torch.empty_like(m)
         for t in range(x_seq.shape[0]):

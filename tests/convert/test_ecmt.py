@@ -10,7 +10,7 @@ import timm
 import torch
 
 from csdlab.convert.ecmt import (AnalogEmbed, ECMTConverter, SpikingViT, convert_vit, mt_sites, percentile,
-                                 site_modules)
+                                 percentile_pair, site_modules)
 from csdlab.eval.api import SpikingModel
 from csdlab.snn.ecmt import ECMatMul
 
@@ -217,9 +217,13 @@ def test_percentile_is_exact(shape: tuple[int, ...]) -> None:
     if len(shape) == 2:  # heavy ties: mostly zeros, like a post-softmax / sparse tensor
         x = x * (torch.rand(shape) < 0.02)
     flat = x.flatten()
+    def kth(q: float) -> float:
+        return flat.kthvalue(min(max(int(torch.tensor(q / 100 * flat.numel()).ceil()), 1), flat.numel())).values.item()
+
     for q in (99.0, 1.0, 99.9, 50.0):
-        k = min(max(int(torch.tensor(q / 100 * flat.numel()).ceil()), 1), flat.numel())
-        assert percentile(x, q).item() == flat.kthvalue(k).values.item(), q
+        assert percentile(x, q).item() == kth(q), q
+    for p in (99.0, 99.9, 100.0, 60.0):
+        assert percentile_pair(x, p).tolist() == [kth(p), kth(100 - p)], p
     if shape == (17_000_000,):  # torch.quantile refuses > 16M elements
         assert percentile(torch.arange(17_000_000.0), 99.0).item() == pytest.approx(0.99 * 17_000_000, abs=2)
 

@@ -113,3 +113,14 @@ def test_ec_matmul_per_step_counts_equal_single_step_counts() -> None:
     # a second chunk continues at t = 6: no step is counted as a first step again
     macs2, acs2 = mm.count_ops(flat, mm(*flat))
     assert acs2[0] > acs[0]
+
+
+def test_dropped_state_is_not_continued_silently() -> None:
+    ec = ECFunction(torch.nn.GELU())
+    ec.step_mode, ec.keep_state = "m", False
+    x = torch.randn(4, 2, 3)
+    ec(x)
+    with pytest.raises(RuntimeError, match="keep_state=False"):
+        ec(x)
+    ec.reset()
+    ec(x)

@@ -105,3 +105,18 @@ def test_mt_output_sum_tracks_input_sum() -> None:
 def test_mt_rejects_bad_parameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         MTNeuron(**kwargs)
+
+
+def test_mt_inplace_and_count_events() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 200)
+    ref = MTNeuron(0.3, 0.2, levels=8)
+    ref.step_mode = "m"
+    expected = ref(x)
+    n = MTNeuron(0.3, 0.2, levels=8, inplace=True)
+    n.step_mode = "m"
+    current = x.clone()
+    y = n(current)
+    assert torch.equal(y, expected) and y.data_ptr() == current.data_ptr()  # spikes over the input
+    events, steps = n.count_events((current,), y)
+    assert events.item() == (expected != 0).sum().item() > 0 and steps == x.numel()
