@@ -32,7 +32,7 @@ With ``k_th = k_r = k_d = ln 2`` a basis halves each step: the binary code of ``
 Exact fast path. Once fitted, the response of a basis is a fixed staircase of ``z``: every spike
 pattern is an interval of ``z`` (each step splits each interval at most once), so
 :meth:`MBECode.table` enumerates the intervals once and a forward pass is one ``torch.bucketize``
-per sign plus a gather. The step-by-step simulation evaluates the firing condition
+plus a gather. The step-by-step simulation evaluates the firing condition
 ``u_n(t) >= theta_n(t)`` as ``sigma_n z >= (theta_n(t) + R_n(t)) - delta_n`` with
 ``R_n(t) = sum_{t'<t} s_n(t') r_n(t')`` the accumulated resets (the same inequality), which is what
 the table stores, so both paths give bit-identical outputs and spike counts.
@@ -163,12 +163,55 @@ def _sum_groups(out: Tensor, weight: Tensor, sign: Tensor) -> Tensor:
 
 @dataclass
 class MBETable:
-    """The exact staircase of one sign group: ``z`` in ``[bounds[j-1], bounds[j])`` gives ``values[j]``
-    and ``spikes[j]`` spikes (all bases and steps of the group)."""
+    """The exact staircase of a neuron: ``z`` in ``[bounds[j-1], bounds[j])`` gives ``values[j]``
+    (before the constant ``c``) and ``spikes[j]`` spikes (all bases and steps)."""
 
     bounds: Tensor  # [K] sorted, strictly increasing
     values: Tensor  # [K + 1]
     spikes: Tensor  # [K + 1] int32
+    # uniform-grid index: cell(z) = clamp(floor((z - origin) * inv_width), 0, G - 1) is monotone in z,
+    # so the interval index of z lies in [start[cell], start[cell] + probes]: a few comparisons
+    # replace the binary search of torch.bucketize (several times faster; same result, tested)
+    origin: float = 0.0
+    inv_width: float = 0.0
+    start: Tensor | None = None  # [G] int64: bounds whose cell is < c
+    padded: Tensor | None = None  # [K + probes] bounds then +inf
+    probes: int = 0
+
+    def index(self, z: Tensor) -> Tensor:
+        """Interval index of every ``z`` (``torch.bucketize(z, bounds, right=True)``)."""
+        if self.start is None:
+            return torch.bucketize(z.contiguous(), self.bounds, right=True)
+        cell = _cell(z, self.origin, self.inv_width, len(self.start))
+        j = self.start.take(cell)
+        for _ in range(self.probes):
+            j += z >= self.padded.take(j)
+        return j
+
+
+def _cell(z: Tensor, origin: float, inv_width: float, cells: int) -> Tensor:
+    return ((z - origin) * inv_width).floor_().clamp_(0, cells - 1).long()
+
+
+def _with_grid(tab: MBETable, max_cells: int = 1 << 21) -> MBETable:
+    k = len(tab.bounds)
+    if k < 2:
+        return tab
+    lo, hi = float(tab.bounds[0]), float(tab.bounds[-1])
+    cells = 1 << max(1, (k - 1).bit_length())  # a power of two >= K
+    while True:
+        inv_width = cells / (hi - lo)
+        if not math.isfinite(inv_width):
+            return tab
+        c = _cell(tab.bounds, lo, inv_width, cells)  # the same expression as at run time
+        per_cell = torch.bincount(c, minlength=cells)
+        probes = int(per_cell.max())
+        if probes <= 2 or cells * 4 > max_cells:  # finer grids for clustered breakpoints
+            break
+        cells *= 4
+    start = torch.cumsum(per_cell, 0) - per_cell
+    padded = torch.cat([tab.bounds, tab.bounds.new_full((probes,), math.inf)])
+    return MBETable(tab.bounds, tab.values, tab.spikes, lo, inv_width, start, padded, probes)
 
 
 def _basis_intervals(theta: Tensor, reset: Tensor, intensity: Tensor, delta: Tensor) -> tuple[Tensor, ...]:
@@ -240,7 +283,7 @@ class MBECode:
         self.start, self.k_th, self.k_r, self.k_d = vals["start"], vals["k_th"], vals["k_r"], vals["k_d"]
         self.weight, self.delta, self.sign = vals["weight"], vals["delta"], vals["sign"]
         self.x0, self.bias = float(x0), float(bias)
-        self._tables: dict[tuple[torch.dtype, str], tuple[MBETable | None, MBETable | None]] = {}
+        self._tables: dict[tuple[torch.dtype, str], MBETable] = {}
         self._consts: dict[tuple[torch.dtype, str], tuple[Tensor, ...]] = {}
 
     # -- construction -------------------------------------------------------------------------
@@ -298,49 +341,59 @@ class MBECode:
             self._consts[key] = self.schedules(dtype, device) + tuple(v.to(dtype=dtype, device=device) for v in rest)
         return self._consts[key]
 
-    def table(self, dtype: torch.dtype, device: torch.device | str) -> tuple[MBETable | None, MBETable | None]:
-        """The exact staircases ``(positive bases, negative bases)`` in ``dtype`` (built once, cached)."""
+    def table(self, dtype: torch.dtype, device: torch.device | str) -> MBETable:
+        """The exact staircase of the whole neuron over ``z`` in ``dtype`` (built once, cached).
+
+        A basis of sign -1 fires on ``-z >= q``, i.e. ``z < nextafter(-q, +inf)``: in ``z`` its
+        breakpoints are those ``nextafter`` values, so one left-closed table holds both signs.
+        Values are summed in :func:`run_steps`' order (positive bases, negative bases, their sum).
+        """
         key = (dtype, str(device))
         if key not in self._tables:
             theta, reset, intensity, weight, delta, sign, _ = self.constants(dtype, "cpu")
-            groups = []
+            per = {n: _basis_intervals(theta[n], reset[n], intensity[n], delta[n]) for n in range(self.N)}
+            cuts = [per[n][0][1:] if float(sign[n]) > 0 else
+                    torch.nextafter(-per[n][0][1:], torch.tensor(math.inf, dtype=dtype)) for n in range(self.N)]
+            bounds = torch.unique(torch.cat(cuts))  # sorted
+            left = torch.cat([bounds.new_full((1,), -math.inf), bounds])
+            groups, spikes = [], torch.zeros(len(left), dtype=torch.int32)
             for sgn in (1.0, -1.0):
-                members = [n for n in range(self.N) if float(sign[n]) == sgn]
-                if not members:
-                    groups.append(None)
-                    continue
-                per = [_basis_intervals(theta[n], reset[n], intensity[n], delta[n]) for n in members]
-                bounds = torch.unique(torch.cat([lo[1:] for lo, _, _ in per]))  # sorted
-                left = torch.cat([bounds.new_full((1,), -math.inf), bounds])
-                values, spikes = None, torch.zeros(len(left), dtype=torch.int32)
-                for n, (lo, out, cnt) in zip(members, per):
-                    j = torch.bucketize(left, lo[1:], right=True)
+                acc = None
+                for n in range(self.N):
+                    if float(sign[n]) != sgn:
+                        continue
+                    lo, out, cnt = per[n]
+                    j = torch.bucketize(left if sgn > 0 else -left, lo[1:], right=True)
                     term = weight[n] * out[j]  # same order and expressions as run_steps
-                    values = term if values is None else values + term
+                    acc = term if acc is None else acc + term
                     spikes += cnt[j]
-                groups.append(MBETable(bounds.to(device), values.to(device), spikes.to(device)))
-            self._tables[key] = (groups[0], groups[1])
+                if acc is not None:
+                    groups.append(acc)
+            values = groups[0] if len(groups) == 1 else groups[0] + groups[1]
+            tab = _with_grid(MBETable(bounds.contiguous(), values, spikes))
+            self._tables[key] = MBETable(*(v.to(device) if isinstance(v, Tensor) else v
+                                           for v in (tab.bounds, tab.values, tab.spikes, tab.origin, tab.inv_width,
+                                                     tab.start, tab.padded, tab.probes)))
         return self._tables[key]
 
     def table_size(self) -> int:
-        """Number of intervals of the float32 table (all groups)."""
-        return sum(len(g.values) for g in self.table(torch.float32, "cpu") if g is not None)
+        """Number of intervals of the float32 table."""
+        return len(self.table(torch.float32, "cpu").values)
 
     def __call__(self, z: Tensor, exact_table: bool = True) -> tuple[Tensor, Tensor]:
         """``(c + sum_n w_n o_n, spike count)`` for normalised inputs ``z`` (table or step path)."""
         if exact_table:
-            pos, neg = self.table(z.dtype, z.device)
-            value, count = None, None
-            for g, zz in ((pos, z), (neg, -z)):
-                if g is None:
-                    continue
-                j = torch.bucketize(zz, g.bounds, right=True)
-                v, c = g.values[j], g.spikes[j]
-                value, count = (v, c) if value is None else (value + v, count + c)
-            return value + self.constants(z.dtype, z.device)[-1], count
+            tab = self.table(z.dtype, z.device)
+            j = tab.index(z)
+            return tab.values.take(j) + self.constants(z.dtype, z.device)[-1], tab.spikes.take(j)
         theta, reset, intensity, weight, delta, sign, bias = self.constants(z.dtype, z.device)
         value, count = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)
         return value, count.to(torch.int32)
+
+    def value(self, z: Tensor) -> Tensor:
+        """``c + sum_n w_n o_n`` from the exact table (no spike counts)."""
+        tab = self.table(z.dtype, z.device)
+        return tab.values.take(tab.index(z)) + self.constants(z.dtype, z.device)[-1]
 
     def __repr__(self) -> str:
         return f"MBECode({self.primitive}, T={self.T}, N={self.N})"
@@ -426,8 +479,7 @@ class MBENeuron(base.MemoryModule):
             return (prim.fn(x / self.in_scale.to(x.dtype)) * self.out_scale.to(x.dtype),), (None,)
         z = self.normalise(x)
         if self.fast:
-            value, _ = self.code(z, exact_table=True)
-            v = None
+            value, v = self.code.value(z), None
         else:
             theta, reset, intensity, weight, delta, sign, bias = self.code.constants(z.dtype, z.device)
             value, _ = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)

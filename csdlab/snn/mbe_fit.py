@@ -141,11 +141,14 @@ def _basis_outputs(code: MBECode, z: Tensor) -> Tensor:
 
 def _least_squares(code: MBECode, x: Tensor, y: Tensor) -> MBECode:
     """Best ``(w, c)`` for the code's spike patterns (the output is linear in them)."""
-    feats = torch.cat([_basis_outputs(code, x - code.x0), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    feats = _basis_outputs(code, x - code.x0)
+    with_bias = code.primitive != "identity"  # identity: c = 0, so its products are pure ANDs
+    if with_bias:
+        feats = torch.cat([feats, torch.ones(len(x), 1, dtype=torch.float64)], 1)
     # minimum-norm solution (bases that never fire get w = 0)
     sol = torch.linalg.lstsq(feats, y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
     d = code.to_dict()
-    d["weight"], d["bias"] = sol[:-1].tolist(), float(sol[-1])
+    d["weight"], d["bias"] = sol[:code.N].tolist(), float(sol[-1]) if with_bias else 0.0
     return MBECode.from_dict(d)
 
 
@@ -175,7 +178,9 @@ def fit_primitive(primitive: str, T: int, N: int, config: FitConfig | None = Non
                "bias": torch.tensor(code.bias, dtype=torch.float64)}
         for v in raw.values():
             v.requires_grad_(True)
-        opt = torch.optim.Adam(list(raw.values()), lr=cfg.lr)
+        if primitive == "identity":
+            raw["bias"].requires_grad_(False)
+        opt = torch.optim.Adam([v for v in raw.values() if v.requires_grad], lr=cfg.lr)
         sg = surrogate.Sigmoid(alpha=cfg.alpha)
         sign = code.sign
         z = x - code.x0
