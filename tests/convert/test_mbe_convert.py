@@ -35,14 +35,16 @@ def test_exact_neurons_equal_the_ann(kw):
 
 
 def test_float64_and_spiking_close_to_ann():
+    # an untrained ViT's MLP sees inputs of ~0.1, where the GELU neuron's absolute error (fitted on
+    # (-120, 10)) is large relative to them: GELU stays exact here (the trained ViT: slow tests)
     model = small_vit().double()
     x = torch.randn(8, 1, 16, 16, dtype=torch.float64)
-    ranges = calibrate_ranges(model, [x], lambda t: t, T=16)
-    snn = convert_vit_mbe(model, 16, 8, 4, ranges)
+    ranges = calibrate_ranges(model, [x], lambda t: t, T=16, gelu=False)
+    snn = convert_vit_mbe(model, 16, 8, 4, ranges, gelu=False)
     with torch.no_grad():
         ref, out = model(x), snn(x)
     assert out.dtype == torch.float64
-    assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+    assert float((out - ref).abs().max()) <= 0.01 * float(ref.abs().max())
 
 
 @pytest.mark.parametrize("group", GROUPS)
