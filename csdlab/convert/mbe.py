@@ -266,7 +266,7 @@ def calibrate_ranges(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, 
         return fn
 
     handles = [sites[n].register_forward_hook(hook(i)) for i, n in enumerate(names)]
-    seen = 0
+    seen = images = 0
     try:
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -274,13 +274,19 @@ def calibrate_ranges(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, 
             functional.reset_net(snn)
             snn(x)
             seen += 1
+            images += len(x)
     finally:
         for h in handles:
             h.remove()
     dev = next(model.parameters()).device
-    hist = all_reduce(hist.to(dev)).cpu()
-    if float(hist.sum()) == 0:
+    # one all-reduce: the histograms and the number of images seen, summed over processes
+    packed = torch.cat([hist.flatten(), torch.tensor([float(images)], dtype=torch.float64)])
+    packed = all_reduce(packed.to(dev)).cpu()
+    hist = packed[:-1].view_as(hist)
+    if float(packed[-1]) == 0:
         raise ValueError("MBE calibration saw no images (empty calibration loader on every process)")
+    if not names:
+        return {}
     cum = hist.cumsum(1)
     need = cum[:, -1:] * (percentile / 100.0)
     bin_idx = (cum < need * (1 - 1e-12)).sum(1).clamp(max=len(edges) - 1)  # first bin reaching the share

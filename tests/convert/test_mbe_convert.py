@@ -115,6 +115,11 @@ def test_converter_contract():
     assert calls and set(summary["identity_ranges"]) == set(conv.ranges)
     single = calibrate_ranges(model, batches, lambda t: t, T=8)
     assert single == conv.ranges  # the doubled histograms give the same ranges
+    with pytest.raises(ValueError, match="no images"):
+        calibrate_ranges(model, [], lambda t: t, T=8)
+    gelu_only = MBEConverter(Ts=[8], **{g: g == "gelu" for g in GROUPS})
+    assert gelu_only.calibrate(model, batches, lambda t: t)["identity_ranges"] == {}
+    assert gelu_only.convert(model)["T8"](batches[0]).shape == (1, 4, 5)
     variants = conv.convert(model)
     assert list(variants) == ["T8", "T16"]
     for label, sm in variants.items():
