@@ -74,3 +74,30 @@ def scale_input_(layer: nn.Module, scale: float | Tensor) -> None:
     if not isinstance(layer, (nn.Conv2d, nn.Linear)):
         raise TypeError(f"scale_input_ takes nn.Conv2d or nn.Linear, got {type(layer).__name__}")
     layer.weight.mul_(torch.as_tensor(scale, dtype=layer.weight.dtype, device=layer.weight.device))
+
+
+def unknown_modules(model: nn.Module, known: tuple[type, ...], opaque: tuple[type, ...] = ()) -> dict[str, str]:
+    """Modules of ``model`` whose exact type is not in ``known``, as ``{qualified name: type name}``.
+
+    Children of an ``opaque`` module (a converted module evaluated as a whole) are not inspected.
+    Used by the converters to refuse a network they would convert only in part.
+    """
+    unknown: dict[str, str] = {}
+    skip: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(m, opaque):
+            skip.append(name)
+        elif type(m) not in known:
+            unknown[name or "<root>"] = type(m).__name__
+    return unknown
+
+
+def describe_modules(unknown: dict[str, str], limit: int = 3) -> str:
+    """``"Type xN (name, name, ...); ..."`` for an error message ("none" when empty)."""
+    by_type: dict[str, list[str]] = {}
+    for name, type_name in unknown.items():
+        by_type.setdefault(type_name, []).append(name)
+    return "; ".join(f"{t} x{len(ns)} ({', '.join(ns[:limit])}{', ...' if len(ns) > limit else ''})"
+                     for t, ns in by_type.items()) or "none"

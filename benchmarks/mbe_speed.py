@@ -1,0 +1,76 @@
+"""Speed of one whole MBE SNN evaluation (all T steps of every neuron) vs one ANN forward, same batch.
+
+    python benchmarks/mbe_speed.py [--T 16] [--bases 8] [--batch 256] [--device cuda]
+
+Prints both timings (medians of interleaved repeats, after warm-up) side by side; the last line is
+``ratio=<SNN time / ANN time>`` (target <= 2 at T = 16, N = 8). Uses the Fashion-MNIST ViT in
+``assets/`` and random normalised images (the cost of the exact-table neurons does not depend on
+the values); identity ranges are calibrated on the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from csdlab.convert.mbe import calibrate_ranges, convert_vit_mbe
+from csdlab.lit.module import load_classifier
+
+log = logging.getLogger("mbe_speed")
+ASSET = Path(__file__).resolve().parents[1] / "assets" / "fmnist_vit_tiny.ckpt"
+
+
+def _seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _time_pair(ann, snn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Medians of interleaved repeats (load from other processes hits both alike), after warm-up."""
+    for fn in (ann, snn, ann, snn):  # warm-up; the first SNN call builds the neurons' tables
+        fn()
+    t_ann, t_snn = [], []
+    for _ in range(repeats):
+        t_ann.append(_seconds(ann, device))
+        t_snn.append(_seconds(snn, device))
+    return statistics.median(t_ann), statistics.median(t_snn)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--T", type=int, default=16)
+    p.add_argument("--bases", type=int, default=8)
+    p.add_argument("--gelu-bases", type=int, default=4)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (the shared CI machine: 1)")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    model, _ = load_classifier(ASSET)
+    model = model.eval().to(device)
+    x = torch.randn(a.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
+    ranges = calibrate_ranges(model, [x], lambda t: t, T=a.T, N=a.bases, gelu_bases=a.gelu_bases)
+    snn = convert_vit_mbe(model, a.T, a.bases, a.gelu_bases, ranges).to(device)
+    with torch.no_grad():
+        t_ann, t_snn = _time_pair(lambda: model(x), lambda: snn(x), device, a.repeats)
+    log.info("device=%s batch=%d T=%d N=%d (GELU %d)", device, a.batch, a.T, a.bases, a.gelu_bases)
+    log.info("ANN forward        %8.2f ms", 1e3 * t_ann)
+    log.info("MBE SNN (all T)    %8.2f ms", 1e3 * t_snn)
+    print(f"ratio={t_snn / t_ann:.3f}")  # noqa: T201  the one machine-read line
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,524 @@
+"""Multi-basis exponential-decay (MBE) neuron (docs/methods.md §4.1; paper Eqs. 4-8).
+
+A value ``x`` is presented once. Each of ``N`` bases starts from the membrane
+``u_n(0) = sigma_n z + delta_n`` with ``z = x / in_scale - x0`` and gets no further input. Over
+``t = 0..T-1`` each basis has three exponentially decaying schedules
+
+    theta_n(t) = a_n exp(-k_th,n t)   (threshold)
+    r_n(t)     = a_n exp(-k_r,n t)    (reset)
+    d_n(t)     = a_n exp(-k_d,n t)    (intensity)
+
+(the paper's ``alpha exp(-t dt_n / tau_n)`` with ``k = dt_n / tau_n``: ``dt`` and ``tau`` only enter
+as this ratio). Each step ``s_n(t) = H(u_n(t) - theta_n(t))`` and ``u_n(t+1) = u_n(t) - s_n(t) r_n(t)``;
+the output is
+
+    f_hat(x) = out_scale * (c + sum_n w_n sum_t d_n(t) s_n(t)).
+
+Decisions the paper leaves open (``docs/mbe.md``):
+
+* **per-basis start value** ``a_n`` (the paper shares one ``alpha``), so bases cover different
+  ranges instead of collapsing onto the same code;
+* **signed bases** ``sigma_n = +-1`` for inputs of both signs (identity, GELU): a basis of sign -1
+  codes ``-z``, so a value near 0 fires nothing on either side; primitives on a positive domain use
+  the **shift** ``x0`` (the domain's lower end) and positive bases only;
+* a per-basis **initial membrane offset** ``delta_n`` (dithering: bases of the same start value code
+  on grids shifted by a fraction of the last step, which refines the code ``N``-fold);
+* an output constant ``c`` (a value the receiver adds; it carries no spikes) and per-site scales
+  ``in_scale`` / ``out_scale`` (identity neurons: the calibrated range of their site).
+
+With ``k_th = k_r = k_d = ln 2`` a basis halves each step: the binary code of ``z`` on
+``[0, 2 a_n)`` (:meth:`MBECode.halving`).
+
+Exact fast path. Once fitted, the response of a basis is a fixed staircase of ``z``: every spike
+pattern is an interval of ``z`` (each step splits each interval at most once), so
+:meth:`MBECode.table` enumerates the intervals once and a forward pass is one ``torch.bucketize``
+plus a gather. The step-by-step simulation evaluates the firing condition
+``u_n(t) >= theta_n(t)`` as ``sigma_n z >= (theta_n(t) + R_n(t)) - delta_n`` with
+``R_n(t) = sum_{t'<t} s_n(t') r_n(t')`` the accumulated resets (the same inequality), which is what
+the table stores, so both paths give bit-identical outputs and spike counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from spikingjelly.activation_based import base
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["MBECode", "MBETable", "MBENeuron", "PRIMITIVES", "Primitive", "run_steps", "decay", "load_codes",
+           "load_code", "table_path", "FIT_COMMAND"]
+
+FIT_COMMAND = "python convert.py mbe-fit"
+TABLE_DIR = "mbe_tables"  # package data folder of csdlab.snn
+MAX_TABLE_INTERVALS = 1 << 22
+LN2 = math.log(2.0)  # beyond this (T > ~20) the step-by-step path is used instead
+
+
+@dataclass(frozen=True)
+class Primitive:
+    """A function an MBE neuron approximates, on the domain it is fitted on (docs/methods.md §4.2).
+
+    Args:
+        name: key in the parameter files.
+        fn: the exact function (torch, element-wise).
+        lo: lower end of the fitting domain.
+        hi: upper end of the fitting domain.
+        signed: bases of both signs (inputs of both signs); else positive bases and the shift ``x0 = lo``.
+    """
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    lo: float
+    hi: float
+    signed: bool
+
+
+def _exp2(x: Tensor) -> Tensor:
+    return torch.exp2(x)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+PRIMITIVES: dict[str, Primitive] = {
+    "gelu": Primitive("gelu", F.gelu, -120.0, 10.0, True),
+    "exp2": Primitive("exp2", _exp2, 0.0, 1.0, False),
+    "recip": Primitive("recip", torch.reciprocal, 0.5, 1.0, False),
+    "rsqrt": Primitive("rsqrt", torch.rsqrt, 0.5, 2.0, False),
+    # fitted on [-1, 1], scaled per site by the calibrated range (in_scale = out_scale = range)
+    "identity": Primitive("identity", _identity, -1.0, 1.0, True),
+}
+
+
+def decay(start: Tensor, k: Tensor, T: int) -> Tensor:
+    """``start_n exp(-k_n t)`` for ``t = 0..T-1`` ``[N, T]``, evaluated as ``start_n 2^(-t k_n / ln 2)``
+    so the halving rate ``k = ln 2`` gives exact powers of two (the binary code has exact levels)."""
+    t = torch.arange(T, dtype=start.dtype, device=start.device)
+    return start[:, None] * torch.exp2(-(k / LN2)[:, None] * t)
+
+
+def run_steps(z: Tensor, theta: Tensor, reset: Tensor, intensity: Tensor, weight: Tensor, delta: Tensor,
+              sign: Tensor, bias: Tensor, spike_fn: Callable[[Tensor, int], Tensor] | None = None,
+              record: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Step-by-step MBE simulation, vectorised over bases and elements (paper Eqs. 4-8).
+
+    Shared by the neuron's reference path and the fitting (which passes a surrogate ``spike_fn``).
+
+    Args:
+        z: normalised inputs ``x / in_scale - x0``, any shape ``[*S]``.
+        theta: thresholds ``[N, T]``.
+        reset: resets ``[N, T]``.
+        intensity: intensities ``[N, T]``.
+        weight: output weights ``[N]``.
+        delta: initial membrane offsets ``[N]``.
+        sign: input sign of each basis ``[N]`` (+1 / -1).
+        bias: output constant ``c`` (0-d).
+        spike_fn: ``H(v, t)`` with ``H(0, t) = 1`` for step ``t``; default the exact Heaviside ``v >= 0``.
+        record: if given, the spike tensor ``[N, *S]`` of every step is appended.
+
+    Returns:
+        ``(c + sum_n w_n o_n, spike count per element)``, both ``[*S]``.
+    """
+    n_bases, steps = theta.shape
+    shape = (n_bases,) + (1,) * z.dim()
+    zs = sign.view(shape) * z.unsqueeze(0)  # [N, *S]; multiplying by +-1 is exact
+    acc_reset = torch.zeros_like(zs)  # R_n(t)
+    out = torch.zeros_like(zs)  # o_n(t)
+    count = torch.zeros_like(zs)
+    for t in range(steps):
+        # u_n(t) >= theta_n(t)  <=>  sigma z >= (theta_n(t) + R_n(t)) - delta_n  (see module docstring)
+        level = (theta[:, t].view(shape) + acc_reset) - delta.view(shape)
+        s = (zs >= level).to(zs.dtype) if spike_fn is None else spike_fn(zs - level, t)
+        acc_reset = acc_reset + s * reset[:, t].view(shape)
+        out = out + s * intensity[:, t].view(shape)
+        count = count + s
+        if record is not None:
+            record.append(s)
+    value = _sum_groups(out, weight, sign)
+    return value + bias, count.sum(0)
+
+
+def _sum_groups(out: Tensor, weight: Tensor, sign: Tensor) -> Tensor:
+    # positive bases in index order, then negative ones: the order the exact table sums them in
+    groups = []
+    for sgn in (1.0, -1.0):
+        acc = None
+        for n in range(out.shape[0]):
+            if float(sign[n]) == sgn:
+                term = weight[n] * out[n]
+                acc = term if acc is None else acc + term
+        if acc is not None:
+            groups.append(acc)
+    return groups[0] if len(groups) == 1 else groups[0] + groups[1]
+
+
+@dataclass
+class MBETable:
+    """The exact staircase of a neuron: ``z`` in ``[bounds[j-1], bounds[j])`` gives ``values[j]``
+    (before the constant ``c``) and ``spikes[j]`` spikes (all bases and steps)."""
+
+    bounds: Tensor  # [K] sorted, strictly increasing
+    values: Tensor  # [K + 1]
+    spikes: Tensor  # [K + 1] int32
+    # uniform-grid index: cell(z) = clamp(floor((z - origin) * inv_width), 0, G - 1) is monotone in z,
+    # so the interval index of z lies in [start[cell], start[cell] + probes]: a few comparisons
+    # replace the binary search of torch.bucketize (several times faster; same result, tested)
+    origin: float = 0.0
+    inv_width: float = 0.0
+    start: Tensor | None = None  # [G] int64: bounds whose cell is < c
+    padded: Tensor | None = None  # [K + probes] bounds then +inf
+    probes: int = 0
+
+    def index(self, z: Tensor) -> Tensor:
+        """Interval index of every ``z`` (``torch.bucketize(z, bounds, right=True)``)."""
+        if self.start is None:
+            return torch.bucketize(z.contiguous(), self.bounds, right=True)
+        cell = _cell(z, self.origin, self.inv_width, len(self.start))
+        j = self.start.take(cell)
+        for _ in range(self.probes):
+            j += z >= self.padded.take(j)
+        return j
+
+
+def _cell(z: Tensor, origin: float, inv_width: float, cells: int) -> Tensor:
+    return ((z - origin) * inv_width).floor_().clamp_(0, cells - 1).long()
+
+
+def _with_grid(tab: MBETable, max_cells: int = 1 << 21) -> MBETable:
+    k = len(tab.bounds)
+    if k < 2:
+        return tab
+    lo, hi = float(tab.bounds[0]), float(tab.bounds[-1])
+    cells = 1 << max(1, (k - 1).bit_length())  # a power of two >= K
+    while True:
+        inv_width = cells / (hi - lo)
+        if not math.isfinite(inv_width):
+            return tab
+        c = _cell(tab.bounds, lo, inv_width, cells)  # the same expression as at run time
+        per_cell = torch.bincount(c, minlength=cells)
+        probes = int(per_cell.max())
+        if probes <= 2 or cells * 4 > max_cells:  # finer grids for clustered breakpoints
+            break
+        cells *= 4
+    start = torch.cumsum(per_cell, 0) - per_cell
+    padded = torch.cat([tab.bounds, tab.bounds.new_full((probes,), math.inf)])
+    return MBETable(tab.bounds, tab.values, tab.spikes, lo, inv_width, start, padded, probes)
+
+
+def _basis_intervals(theta: Tensor, reset: Tensor, intensity: Tensor, delta: Tensor) -> tuple[Tensor, ...]:
+    """Enumerate the spike-pattern intervals of one basis: ``(left ends, o, spike counts)``."""
+    dt = theta.dtype
+    lo = torch.full((1,), -math.inf, dtype=dt)
+    hi = torch.full((1,), math.inf, dtype=dt)
+    acc = torch.zeros(1, dtype=dt)
+    out = torch.zeros(1, dtype=dt)
+    cnt = torch.zeros(1, dtype=torch.int32)
+    for t in range(theta.shape[0]):
+        level = (theta[t] + acc) - delta  # same expression as run_steps
+        all_fire = level <= lo
+        split = (level > lo) & (level < hi)
+        reps = 1 + split.long()
+        idx = torch.repeat_interleave(torch.arange(len(lo)), reps)
+        second = torch.zeros(len(idx), dtype=torch.bool)
+        starts = torch.cumsum(reps, 0) - reps  # first child of each parent
+        second[(starts + 1)[split]] = True
+        first_of_split = torch.zeros(len(idx), dtype=torch.bool)
+        first_of_split[starts[split]] = True
+        c = level[idx]
+        lo, hi = torch.where(second, c, lo[idx]), torch.where(first_of_split, c, hi[idx])
+        fire = all_fire[idx] | second
+        s = fire.to(dt)
+        acc = acc[idx] + s * reset[t]  # same expressions as run_steps (adding 0 is exact)
+        out = out[idx] + s * intensity[t]
+        cnt = cnt[idx] + fire.int()
+        if len(lo) > MAX_TABLE_INTERVALS:
+            raise OverflowError(f"MBE table exceeds {MAX_TABLE_INTERVALS} intervals")
+    return lo, out, cnt
+
+
+class MBECode:
+    """The parameters of one fitted MBE neuron (one primitive at one ``(T, N)``), frozen, float64.
+
+    Args:
+        primitive: key of :data:`PRIMITIVES`.
+        start: start values ``a_n`` ``[N]`` (> 0).
+        k_th: threshold decay per step ``[N]``.
+        k_r: reset decay per step ``[N]``.
+        k_d: intensity decay per step ``[N]``.
+        weight: output weights ``w_n`` ``[N]``.
+        delta: initial membrane offsets ``[N]``.
+        sign: input signs ``[N]`` (+1 / -1).
+        x0: input shift.
+        bias: output constant ``c``.
+        T: time steps.
+    """
+
+    FIELDS = ("start", "k_th", "k_r", "k_d", "weight", "delta", "sign")
+
+    def __init__(self, primitive: str, start: Any, k_th: Any, k_r: Any, k_d: Any, weight: Any, delta: Any,
+                 sign: Any, x0: float, bias: float, T: int) -> None:
+        if primitive not in PRIMITIVES:
+            raise ValueError(f"unknown MBE primitive {primitive!r}; choose one of {sorted(PRIMITIVES)}")
+        if not isinstance(T, int) or T < 1:
+            raise ValueError(f"T must be an integer >= 1, got {T!r}")
+        vals = {k: torch.as_tensor(v, dtype=torch.float64).detach().clone().reshape(-1)
+                for k, v in zip(self.FIELDS, (start, k_th, k_r, k_d, weight, delta, sign))}
+        n = len(vals["start"])
+        if n < 1 or any(len(v) != n for v in vals.values()):
+            raise ValueError(f"MBE parameters need N >= 1 entries each, got {[len(v) for v in vals.values()]}")
+        if not bool((vals["start"] > 0).all()):
+            raise ValueError(f"start values must be > 0, got {vals['start'].tolist()}")
+        if not bool(((vals["sign"] == 1) | (vals["sign"] == -1)).all()):
+            raise ValueError(f"signs must be +1 or -1, got {vals['sign'].tolist()}")
+        self.primitive, self.T, self.N = primitive, T, n
+        self.start, self.k_th, self.k_r, self.k_d = vals["start"], vals["k_th"], vals["k_r"], vals["k_d"]
+        self.weight, self.delta, self.sign = vals["weight"], vals["delta"], vals["sign"]
+        self.x0, self.bias = float(x0), float(bias)
+        self._tables: dict[tuple[torch.dtype, str], MBETable] = {}
+        self._consts: dict[tuple[torch.dtype, str], tuple[Tensor, ...]] = {}
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def halving(cls, T: int, N: int, lo: float = 0.0, hi: float = 1.0, primitive: str = "identity",
+                signed: bool = False, dither: bool = False) -> MBECode:
+        """The halving code (``k = ln 2``): each basis is the ``T``-bit binary code of ``z = x - lo``
+        on ``[0, hi - lo)``, ``a = (hi - lo) / 2``; ``w = 1 / (bases per sign)``.
+
+        Args:
+            T: time steps.
+            N: bases (even when ``signed``: half code ``+z``, half ``-z``; then ``lo = 0`` is
+                forced and the range is ``[-hi, hi]``).
+            lo: lower end of the range (the shift ``x0``; 0 when signed).
+            hi: upper end of the range.
+            primitive: label of the code.
+            signed: bases of both signs.
+            dither: offset the bases' grids by ``(j + 1/2) / K`` of the last step (``K`` bases per
+                sign), which makes their mean a ``K``-fold finer code; else all bases are equal.
+        """
+        if N < 1 or (signed and N % 2):
+            raise ValueError(f"N must be >= 1 (even when signed), got {N}")
+        x0 = 0.0 if signed else lo
+        a = (hi - x0) / 2
+        per_sign = N // 2 if signed else N
+        last = a * 2.0 ** -(T - 1)
+        j = torch.arange(N, dtype=torch.float64) % per_sign
+        delta = (j + 0.5) / per_sign * last if dither else torch.zeros(N, dtype=torch.float64)
+        sign = torch.where(torch.arange(N) < per_sign, 1.0, -1.0) if signed else torch.ones(N)
+        ln2 = torch.full((N,), math.log(2.0), dtype=torch.float64)
+        w = torch.where(sign > 0, 1.0, -1.0).double() / per_sign
+        return cls(primitive, torch.full((N,), a), ln2, ln2, ln2, w, delta, sign, x0, 0.0, T)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able parameters (floats round-trip exactly through ``repr``)."""
+        d: dict[str, Any] = {"primitive": self.primitive, "T": self.T, "N": self.N, "x0": self.x0, "bias": self.bias}
+        d.update({k: getattr(self, k).tolist() for k in self.FIELDS})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MBECode:
+        return cls(d["primitive"], *(d[k] for k in cls.FIELDS), x0=d["x0"], bias=d["bias"], T=d["T"])
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def schedules(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> tuple[Tensor, ...]:
+        """``(theta, reset, intensity)`` ``[N, T]`` computed in float64, then cast."""
+        sched = [decay(self.start, k, self.T) for k in (self.k_th, self.k_r, self.k_d)]
+        return tuple(s.to(dtype=dtype, device=device) for s in sched)
+
+    def constants(self, dtype: torch.dtype, device: torch.device | str) -> tuple[Tensor, ...]:
+        """Cached ``(theta, reset, intensity, weight, delta, sign, bias)`` in ``dtype`` on ``device``."""
+        key = (dtype, str(device))
+        if key not in self._consts:
+            rest = (self.weight, self.delta, self.sign, torch.tensor(self.bias, dtype=torch.float64))
+            self._consts[key] = self.schedules(dtype, device) + tuple(v.to(dtype=dtype, device=device) for v in rest)
+        return self._consts[key]
+
+    def table(self, dtype: torch.dtype, device: torch.device | str) -> MBETable:
+        """The exact staircase of the whole neuron over ``z`` in ``dtype`` (built once, cached).
+
+        A basis of sign -1 fires on ``-z >= q``, i.e. ``z < nextafter(-q, +inf)``: in ``z`` its
+        breakpoints are those ``nextafter`` values, so one left-closed table holds both signs.
+        Values are summed in :func:`run_steps`' order (positive bases, negative bases, their sum).
+        """
+        key = (dtype, str(device))
+        if key not in self._tables:
+            theta, reset, intensity, weight, delta, sign, _ = self.constants(dtype, "cpu")
+            per = {n: _basis_intervals(theta[n], reset[n], intensity[n], delta[n]) for n in range(self.N)}
+            cuts = [per[n][0][1:] if float(sign[n]) > 0 else
+                    torch.nextafter(-per[n][0][1:], torch.tensor(math.inf, dtype=dtype)) for n in range(self.N)]
+            bounds = torch.unique(torch.cat(cuts))  # sorted
+            left = torch.cat([bounds.new_full((1,), -math.inf), bounds])
+            groups, spikes = [], torch.zeros(len(left), dtype=torch.int32)
+            for sgn in (1.0, -1.0):
+                acc = None
+                for n in range(self.N):
+                    if float(sign[n]) != sgn:
+                        continue
+                    lo, out, cnt = per[n]
+                    j = torch.bucketize(left if sgn > 0 else -left, lo[1:], right=True)
+                    term = weight[n] * out[j]  # same order and expressions as run_steps
+                    acc = term if acc is None else acc + term
+                    spikes += cnt[j]
+                if acc is not None:
+                    groups.append(acc)
+            values = groups[0] if len(groups) == 1 else groups[0] + groups[1]
+            tab = _with_grid(MBETable(bounds.contiguous(), values, spikes))
+            self._tables[key] = MBETable(*(v.to(device) if isinstance(v, Tensor) else v
+                                           for v in (tab.bounds, tab.values, tab.spikes, tab.origin, tab.inv_width,
+                                                     tab.start, tab.padded, tab.probes)))
+        return self._tables[key]
+
+    def table_size(self) -> int:
+        """Number of intervals of the float32 table."""
+        return len(self.table(torch.float32, "cpu").values)
+
+    def __call__(self, z: Tensor, exact_table: bool = True) -> tuple[Tensor, Tensor]:
+        """``(c + sum_n w_n o_n, spike count)`` for normalised inputs ``z`` (table or step path)."""
+        if exact_table:
+            tab = self.table(z.dtype, z.device)
+            j = tab.index(z)
+            return tab.values.take(j) + self.constants(z.dtype, z.device)[-1], tab.spikes.take(j)
+        theta, reset, intensity, weight, delta, sign, bias = self.constants(z.dtype, z.device)
+        value, count = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)
+        return value, count.to(torch.int32)
+
+    def value(self, z: Tensor) -> Tensor:
+        """``c + sum_n w_n o_n`` from the exact table (no spike counts)."""
+        tab = self.table(z.dtype, z.device)
+        return tab.values.take(tab.index(z)) + self.constants(z.dtype, z.device)[-1]
+
+    def __repr__(self) -> str:
+        return f"MBECode({self.primitive}, T={self.T}, N={self.N})"
+
+
+def table_path(T: int, N: int) -> Path:
+    """Where the shipped parameters for ``(T, N)`` live (package data)."""
+    return Path(str(resources.files("csdlab.snn").joinpath(TABLE_DIR, f"mbe_T{T}_N{N}.json")))
+
+
+def load_codes(T: int, N: int, directory: Path | str | None = None) -> dict[str, MBECode]:
+    """All fitted primitives for ``(T, N)``.
+
+    Raises:
+        ValueError: bad ``T`` / ``N``, or no parameters fitted for them (names the command that fits them).
+    """
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise ValueError(f"T must be an integer >= 1, got {T!r}")
+    if not isinstance(N, int) or isinstance(N, bool) or N < 1:
+        raise ValueError(f"N (bases) must be an integer >= 1, got {N!r}")
+    path = table_path(T, N) if directory is None else Path(directory) / f"mbe_T{T}_N{N}.json"
+    if not path.is_file():
+        shipped = sorted(p.name for p in table_path(T, N).parent.glob("mbe_T*_N*.json"))
+        raise ValueError(f"no fitted MBE parameters for T={T}, N={N} ({path} missing; shipped: {shipped}). "
+                         f"Fit them with `{FIT_COMMAND} --Ts {T} --Ns {N}` (csdlab.snn.mbe_fit.fit_all).")
+    data = json.loads(path.read_text())
+    return {name: MBECode.from_dict(d) for name, d in data["codes"].items()}
+
+
+def load_code(primitive: str, T: int, N: int) -> MBECode:
+    """One fitted primitive (see :func:`load_codes`)."""
+    return load_codes(T, N)[primitive]
+
+
+class MBENeuron(base.MemoryModule):
+    """A layer of MBE neurons with one fitted code (docs/methods.md §4.1), value presented once.
+
+    ``forward(x)`` runs all ``T`` steps of every element and returns the decoded output
+    ``out_scale (c + sum_n w_n sum_t d_n(t) s_n(t))`` (what the next layer accumulates from the
+    spikes). With ``fast=True`` this is the exact table (bit-identical to the step-by-step
+    simulation); ``exact=True`` replaces the neuron by its exact function (the equivalence check).
+
+    Memories: ``v``, the membranes ``[N, *x.shape]`` after the last presentation (step path only;
+    ``None`` otherwise), cleared by ``functional.reset_net``.
+
+    Args:
+        code: the fitted parameters (shared between sites: its table is built once).
+        in_scale: input scale (identity: the site's calibrated range).
+        out_scale: output scale (identity: the same range).
+        fast: use the exact table.
+        exact: return the exact primitive instead (no spikes).
+    """
+
+    def __init__(self, code: MBECode, in_scale: float = 1.0, out_scale: float = 1.0, fast: bool = True,
+                 exact: bool = False) -> None:
+        super().__init__()
+        self.code = code
+        self.fast, self.exact = fast, exact
+        self.register_buffer("in_scale", torch.tensor(float(in_scale), dtype=torch.float64))
+        self.register_buffer("out_scale", torch.tensor(float(out_scale), dtype=torch.float64))
+        self.register_memory("v", None)
+        self.step_mode = "s"
+
+    def supported_step_mode(self) -> tuple[str, ...]:
+        return ("s",)
+
+    def set_scale(self, scale: float) -> None:
+        """Set ``in_scale = out_scale = scale`` (identity neurons: the site's range, > 0)."""
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"MBE scale must be finite and > 0, got {scale!r}")
+        self.in_scale.fill_(scale)
+        self.out_scale.fill_(scale)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """``z = x / in_scale - x0``."""
+        return x / self.in_scale.to(x.dtype) - self.code.x0
+
+    def single_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
+                                       **kwargs: object) -> tuple[tuple[Tensor], tuple[object]]:
+        x = inputs[0]
+        if self.exact:
+            prim = PRIMITIVES[self.code.primitive]
+            return (prim.fn(x / self.in_scale.to(x.dtype)) * self.out_scale.to(x.dtype),), (None,)
+        z = self.normalise(x)
+        if self.fast:
+            value, v = self.code.value(z), None
+        else:
+            theta, reset, intensity, weight, delta, sign, bias = self.code.constants(z.dtype, z.device)
+            value, _ = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)
+            v = self.membranes(x)
+        return (value * self.out_scale.to(x.dtype),), (v,)
+
+    def membranes(self, x: Tensor) -> Tensor:
+        """Membranes ``u_n(T)`` ``[N, *x.shape]`` after presenting ``x`` (step-by-step)."""
+        theta, reset, _, _, delta, sign, _ = self.code.constants(x.dtype, x.device)
+        trains = self.spike_trains(x)  # [T, N, *S]
+        shape = (-1,) + (1,) * x.dim()
+        u = sign.view(shape) * self.normalise(x).unsqueeze(0) + delta.view(shape)
+        for t in range(trains.shape[0]):
+            u = u - trains[t] * reset[:, t].view(shape)
+        return u
+
+    def spike_trains(self, x: Tensor) -> Tensor:
+        """The binary spikes ``[T, N, *x.shape]`` of every basis and step (step-by-step)."""
+        theta, reset, intensity, weight, delta, sign, bias = self.code.constants(x.dtype, x.device)
+        rec: list[Tensor] = []
+        run_steps(self.normalise(x), theta, reset, intensity, weight, delta, sign, bias, record=rec)
+        return torch.stack(rec)
+
+    def spike_counts(self, x: Tensor) -> Tensor:
+        """Spikes per element (all bases and steps) for input ``x`` (0 when ``exact``)."""
+        if self.exact:
+            return torch.zeros_like(x, dtype=torch.int32)
+        return self.code(self.normalise(x), exact_table=self.fast)[1]
+
+    def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+        """``(spikes summed over bases and steps, elements x N x T)`` of the call just made."""
+        x = inputs[0]
+        return float(self.spike_counts(x).sum()), float(x.numel() * self.code.N * self.code.T)
+
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+        """A stand-alone neuron costs one AC per spike (docs/methods.md §4.4: ``T N eta E_AC``)."""
+        return 0.0, float(self.spike_counts(inputs[0]).sum())
+
+    def extra_repr(self) -> str:
+        mode = "exact" if self.exact else ("table" if self.fast else "steps")
+        return (f"{self.code.primitive}, T={self.code.T}, N={self.code.N}, scale={float(self.in_scale):.4g}, "
+                f"{mode}")

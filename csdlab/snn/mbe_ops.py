@@ -1,0 +1,194 @@
+"""Transformer operations built from MBE neurons (docs/methods.md §4.3).
+
+* :class:`MBEProduct`: product of two activations (element-wise or matrix), each operand encoded by
+  an MBE neuron (identity neurons for ``q k^T``, ``attn v``): ``x1 x2 ~ sum_ij D_ij s(i) s'(j)`` with
+  ``D = d d'^T``, an AND of binary trains weighted by a constant matrix. ``D`` is separable, so the
+  dense simulator computes it as the product of the two reconstructions; :meth:`count_ops` counts
+  the AND events (one AC each).
+* :class:`MBESoftmax`: row max subtracted, ``e^x = 2^floor(y) 2^frac(y)`` with ``y = x log2 e``; the
+  integer power is an exponent add, ``2^frac`` comes from the ``exp2`` neuron; the row sum is an
+  accumulation; ``1/sum`` from ``sum = M 2^E`` (``torch.frexp``, ``M`` in ``[0.5, 1)``) as
+  ``recip(M) 2^-E``; the numerator times ``1/sum`` is a spiking product of the two neurons' trains.
+* :class:`MBELayerNorm`: mean by accumulation; ``x - mu`` encoded by an identity neuron; variance =
+  mean of its square (a spiking product of the train with itself); ``var + eps = M 2^E`` with ``E``
+  made even (``M`` in ``[0.5, 2)``), ``1/sqrt`` as ``rsqrt(M) 2^(-E/2)``; ``(x - mu)`` times it by a
+  spiking product; then the ANN's affine ``gamma, beta``.
+* :class:`MBELinear`: a ``Linear`` fed by an MBE neuron's spikes (identity, or the GELU neuron):
+  energy = spike events x fan-out.
+* GELU is one :class:`~csdlab.snn.mbe.MBENeuron` (``gelu`` code).
+
+Energy conventions (docs/methods.md §3, §4.4): each spike costs one AC in its own neuron
+(``T N eta E_AC``); a product adds one AC per AND event; a linear layer one AC per event and output;
+exponent adds (integer additions on the exponent field), the row max and the ``gamma, beta``
+affine are not counted (the ANN side counts no element-wise work either).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from csdlab.snn.mbe import MBECode, MBENeuron
+
+__all__ = ["MBEProduct", "MBESoftmax", "MBELayerNorm", "MBELinear", "and_events"]
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> float:
+    """AND events of a spiking product with per-element spike counts of both operands.
+
+    Element-wise: ``sum count_a count_b``. Matrix ``[.., n, p] @ [.., p, m]``: every pair
+    ``(a_ik, b_kj)`` meets, so ``sum_ikj ca_ik cb_kj = sum_k (sum_i ca_ik)(sum_j cb_kj)``.
+    """
+    ca, cb = count_a.double(), count_b.double()
+    if matmul:
+        return float((ca.sum(-2) * cb.sum(-1)).sum())
+    return float((ca * cb).sum())
+
+
+class MBEProduct(nn.Module):
+    """``scale * (enc_a(a) op enc_b(b))`` with ``op`` element-wise or ``@`` (docs/methods.md §4.3).
+
+    Args:
+        enc_a: neuron encoding the first operand (identity, scaled to its site's range).
+        enc_b: neuron encoding the second operand.
+        matmul: matrix product (else element-wise, broadcasting).
+        scale: constant factor (the attention scale; folded into ``D``).
+    """
+
+    def __init__(self, enc_a: MBENeuron, enc_b: MBENeuron, matmul: bool = True, scale: float = 1.0) -> None:
+        super().__init__()
+        self.enc_a, self.enc_b = enc_a, enc_b
+        self.matmul, self.scale = matmul, float(scale)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        ha, hb = self.enc_a(a), self.enc_b(b)
+        out = ha @ hb if self.matmul else ha * hb
+        return out if self.scale == 1.0 else out * self.scale
+
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+        """``(0, AND events + spikes of both encoders)``."""
+        ca, cb = self.enc_a.spike_counts(inputs[0]), self.enc_b.spike_counts(inputs[1])
+        return 0.0, and_events(ca, cb, self.matmul) + float(ca.sum()) + float(cb.sum())
+
+    def extra_repr(self) -> str:
+        return f"matmul={self.matmul}, scale={self.scale:.4g}"
+
+
+class MBESoftmax(nn.Module):
+    """Softmax over ``dim`` from an ``exp2`` and a ``recip`` MBE neuron (docs/methods.md §4.3).
+
+    Args:
+        exp2: neuron for ``2^f`` on ``[0, 1)``.
+        recip: neuron for ``1/M`` on ``[0.5, 1]``.
+        dim: softmax dimension.
+    """
+
+    def __init__(self, exp2: MBENeuron, recip: MBENeuron, dim: int = -1) -> None:
+        super().__init__()
+        self.exp2, self.recip, self.dim = exp2, recip, dim
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # the row max makes every exponent <= 0, so the row sum lies in [1, n]
+        y = (x - x.amax(self.dim, keepdim=True)) * LOG2E
+        whole = torch.floor(y)
+        return whole, y - whole  # frac in [0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        whole, frac = self._split(x)
+        p = self.exp2(frac)  # ~ 2^frac in [1, 2)
+        e = torch.ldexp(p, whole)  # exponent add
+        mant, expo = torch.frexp(e.sum(self.dim, keepdim=True))  # accumulation; sum = M 2^E
+        r = self.recip(mant)  # ~ 1/M in (1, 2]
+        # numerator x 1/sum: AND of the exp2 and recip trains, then one exponent add
+        return torch.ldexp(p * r, whole - expo)
+
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+        """``(0, exp2 spikes (neuron + one AC each into the row sum) + recip spikes + AND events)``."""
+        x = inputs[0]
+        whole, frac = self._split(x)
+        cp = self.exp2.spike_counts(frac)
+        mant, _ = torch.frexp(torch.ldexp(self.exp2(frac), whole).sum(self.dim, keepdim=True))
+        cr = self.recip.spike_counts(mant)
+        return 0.0, 2.0 * float(cp.sum()) + float(cr.sum()) + and_events(cp, cr, matmul=False)
+
+
+class MBELayerNorm(nn.Module):
+    """LayerNorm over the last dimension from an identity and an ``rsqrt`` MBE neuron
+    (docs/methods.md §4.3); reuses the ANN module's ``weight``, ``bias`` and ``eps``.
+
+    Args:
+        ln: the ANN ``nn.LayerNorm`` (one normalised dimension).
+        centred: identity neuron for ``x - mu`` (range: its site's calibration).
+        rsqrt: neuron for ``1/sqrt(M)`` on ``[0.5, 2]``.
+    """
+
+    def __init__(self, ln: nn.LayerNorm, centred: MBENeuron, rsqrt: MBENeuron) -> None:
+        super().__init__()
+        if len(ln.normalized_shape) != 1:
+            raise ValueError(f"MBE LayerNorm normalises one dimension, got normalized_shape={ln.normalized_shape}")
+        self.weight, self.bias, self.eps = ln.weight, ln.bias, float(ln.eps)
+        self.centred, self.rsqrt = centred, rsqrt
+
+    def _var(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        xc = self.centred(x - x.mean(-1, keepdim=True))  # accumulation, then the identity train
+        return xc, (xc * xc).mean(-1, keepdim=True)  # square: AND of the train with itself
+
+    @staticmethod
+    def _even(v: Tensor) -> tuple[Tensor, Tensor]:
+        mant, expo = torch.frexp(v)  # v = M 2^E, M in [0.5, 1)
+        odd = (expo % 2).bool()
+        return torch.where(odd, mant * 2, mant), torch.where(odd, expo - 1, expo)  # M in [0.5, 2), E even
+
+    def forward(self, x: Tensor) -> Tensor:
+        xc, var = self._var(x)
+        mant, expo = self._even(var + self.eps)
+        r = self.rsqrt(mant)  # ~ 1/sqrt(M)
+        y = torch.ldexp(xc * r, torch.div(-expo, 2, rounding_mode="floor"))  # product, exponent add
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+        """``(0, centred spikes + rsqrt spikes + AND events of the square and of the product)``."""
+        x = inputs[0]
+        xc_in = x - x.mean(-1, keepdim=True)
+        cc = self.centred.spike_counts(xc_in)
+        xc, var = self._var(x)
+        mant, _ = self._even(var + self.eps)
+        cr = self.rsqrt.spike_counts(mant)
+        ands = and_events(cc, cc, matmul=False) + and_events(cc, cr, matmul=False)
+        return 0.0, float(cc.sum()) + float(cr.sum()) + ands
+
+
+class MBELinear(nn.Module):
+    """The ANN's ``Linear`` (reused, not copied) fed by an MBE neuron: ``linear(encoder(x))``.
+
+    Args:
+        linear: the ANN layer.
+        encoder: the neuron whose spikes drive it (identity, or the GELU neuron).
+    """
+
+    def __init__(self, linear: nn.Linear, encoder: MBENeuron) -> None:
+        super().__init__()
+        self.linear, self.encoder = linear, encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.encoder(x))
+
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+        """``(0, spikes x (fan-out + 1))``: one AC per event and output, one in the neuron."""
+        events = float(self.encoder.spike_counts(inputs[0]).sum())
+        return 0.0, events * (self.linear.out_features + 1)
+
+
+def identity_neuron(code: MBECode, scale: float = 1.0, fast: bool = True, exact: bool = False) -> MBENeuron:
+    """An identity neuron on ``[-scale, scale]``."""
+    if code.primitive != "identity":
+        raise ValueError(f"identity_neuron needs the identity code, got {code.primitive!r}")
+    return MBENeuron(code, scale, scale, fast=fast, exact=exact)

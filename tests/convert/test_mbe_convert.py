@@ -1,0 +1,138 @@
+"""MBE conversion of timm ViTs (docs/methods.md §4): exactness, switches, bad input, the converter."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from csdlab.convert.mbe import (GROUPS, MBEConverter, MBESpikingModel, calibrate_ranges, convert_vit_mbe,
+                                identity_sites, mbe_sites)
+from csdlab.eval.api import Converter, SpikingModel
+from csdlab.snn.mbe import MBENeuron
+from csdlab.snn.mbe_ops import MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
+
+
+def small_vit(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    args = dict(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2, num_heads=2)
+    args.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg", "fc_norm": True, "class_token": False},
+                                {"qkv_bias": False, "qk_norm": True}])
+def test_exact_neurons_equal_the_ann(kw):
+    model = small_vit(**kw)
+    x = torch.randn(4, 1, 16, 16)
+    snn = convert_vit_mbe(model, 8, 8, 4, exact=True)
+    with torch.no_grad():
+        torch.testing.assert_close(snn(x), model(x), rtol=0, atol=1e-5)
+    # every operation group is converted, and the ANN's own Linear layers are reused (same weights)
+    kinds = {type(m) for m in snn.modules()}
+    assert {MBELayerNorm, MBESoftmax, MBEProduct, MBELinear, MBENeuron} <= kinds
+    assert not any(type(m) is nn.LayerNorm for m in snn.modules())
+    assert torch.equal(snn.blocks[0].attn.qkv.linear.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_float64_and_spiking_close_to_ann():
+    # an untrained ViT's MLP sees inputs of ~0.1, where the GELU neuron's absolute error (fitted on
+    # (-120, 10)) is large relative to them: GELU stays exact here (the trained ViT: slow tests)
+    model = small_vit().double()
+    x = torch.randn(8, 1, 16, 16, dtype=torch.float64)
+    ranges = calibrate_ranges(model, [x], lambda t: t, T=16, gelu=False)
+    snn = convert_vit_mbe(model, 16, 8, 4, ranges, gelu=False)
+    with torch.no_grad():
+        ref, out = model(x), snn(x)
+    assert out.dtype == torch.float64
+    assert float((out - ref).abs().max()) <= 0.01 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_each_group_alone(group):
+    model = small_vit()
+    switches = {g: g == group for g in GROUPS}
+    snn = convert_vit_mbe(model, 8, 8, 4, **switches)
+    prims = {m.code.primitive for m in mbe_sites(snn).values()}
+    expected = {"gelu": {"gelu"}, "softmax": {"exp2", "recip"}, "layernorm": {"identity", "rsqrt"},
+                "products": {"identity"}, "linear_inputs": {"identity"}}[group]
+    assert prims == expected
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert snn(x).shape == (2, 5)
+    none = convert_vit_mbe(model, 8, 8, 4, **{g: False for g in GROUPS})
+    assert not mbe_sites(none)
+    with torch.no_grad():
+        torch.testing.assert_close(none(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_table_and_step_paths_agree_in_the_network():
+    model = small_vit()
+    x = torch.randn(2, 1, 16, 16)
+    ranges = calibrate_ranges(model, [x], lambda t: t, T=8)
+    fast, slow = (convert_vit_mbe(model, 8, 8, 4, ranges, fast=f) for f in (True, False))
+    with torch.no_grad():
+        assert torch.equal(fast(x), slow(x))
+
+
+def test_bad_input():
+    model = small_vit()
+    with pytest.raises(ValueError, match="T must be"):
+        convert_vit_mbe(model, 0)
+    with pytest.raises(ValueError, match="N"):
+        convert_vit_mbe(model, 8, 0)
+    with pytest.raises(ValueError, match="python convert.py mbe-fit"):
+        convert_vit_mbe(model, 9)
+    with pytest.raises(ValueError, match="python convert.py mbe-fit"):
+        MBEConverter(Ts=[8, 7])
+    model.blocks[1].mlp.act = nn.SiLU()
+    with pytest.raises(ValueError, match="GELU"):
+        convert_vit_mbe(model, 8)
+    conv = timm.create_model("resnet10t", num_classes=3)
+    with pytest.raises(ValueError, match=r"unknown modules: .*BatchNorm2d"):
+        convert_vit_mbe(conv, 8)
+    model = small_vit()
+    model.blocks[0].ls1 = nn.Tanh()
+    with pytest.raises(ValueError, match=r"Tanh x1 \(blocks.0.ls1\)"):
+        MBEConverter(Ts=[8]).check(model)
+
+
+def test_converter_contract():
+    model = small_vit()
+    conv = MBEConverter(Ts=[8, 16])
+    assert isinstance(conv, Converter) and conv.name == "mbe" and conv.needs_calibration
+    conv.check(model)
+    with pytest.raises(ValueError, match="calibrate"):
+        conv.convert(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 1, 16, 16, generator=g) for _ in range(2)]
+    calls = []
+
+    def all_reduce(t):  # two identical processes
+        calls.append(t.shape)
+        return 2 * t
+
+    summary = conv.calibrate(model, batches, all_reduce)
+    assert calls and set(summary["identity_ranges"]) == set(conv.ranges)
+    single = calibrate_ranges(model, batches, lambda t: t, T=8)
+    assert single == conv.ranges  # the doubled histograms give the same ranges
+    with pytest.raises(ValueError, match="no images"):
+        calibrate_ranges(model, [], lambda t: t, T=8)
+    gelu_only = MBEConverter(Ts=[8], **{g: g == "gelu" for g in GROUPS})
+    assert gelu_only.calibrate(model, batches, lambda t: t)["identity_ranges"] == {}
+    assert gelu_only.convert(model)["T8"](batches[0]).shape == (1, 4, 5)
+    variants = conv.convert(model)
+    assert list(variants) == ["T8", "T16"]
+    for label, sm in variants.items():
+        assert isinstance(sm, SpikingModel) and isinstance(sm, MBESpikingModel)
+        T = int(label[1:])
+        assert sm.time_steps == T and sm.readout_steps == [T]
+        out = sm(batches[0])
+        assert out.shape == (1, 4, 5)
+        sites = sm.sites()
+        assert all(isinstance(m, MBENeuron) and m.code.T == T for m in sites.values())
+        assert "blocks.0.attn.softmax.exp2" in sites and "blocks.1.mlp.fc2.encoder" in sites
+        assert sites["blocks.1.mlp.fc2.encoder"].code.N == 4  # the GELU neuron
+        analog = sm.analog_layers()
+        assert analog[0] is sm.snn.patch_embed.proj and analog[-1] is sm.snn.head
+        assert len(identity_sites(sm.snn)) == len(conv.ranges)
+    assert model.blocks[0].attn.__class__.__name__ == "Attention"  # the model is untouched

@@ -1,0 +1,126 @@
+"""MBE neuron (docs/methods.md §4.1): hand-computed trains, halving code, exact table == steps."""
+
+import math
+
+import pytest
+import torch
+from spikingjelly.activation_based import functional
+
+from csdlab.snn.mbe import FIT_COMMAND, PRIMITIVES, MBECode, MBENeuron, load_code, load_codes
+
+LN2 = math.log(2.0)
+
+
+def two_bases() -> MBECode:
+    # basis 0: halving from 4 (theta = r = d = 4, 2, 1, 0.5), w = 1, positive
+    # basis 1: constant threshold and reset 3, intensity 3, 1.5, .75, .375, w = 0.5, delta = 0.5, negative
+    return MBECode("identity", start=[4.0, 3.0], k_th=[LN2, 0.0], k_r=[LN2, 0.0], k_d=[LN2, LN2],
+                   weight=[1.0, 0.5], delta=[0.0, 0.5], sign=[1.0, -1.0], x0=0.0, bias=0.25, T=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_two_bases_four_steps_by_hand(dtype):
+    neuron = MBENeuron(two_bases(), fast=False)
+    x = torch.tensor([5.3, -7.0, 2.0], dtype=dtype)
+    trains = neuron.spike_trains(x)  # [T, N, 3]
+    # x = 5.3: basis 0 fires at 4 (u 1.3), not at 2, at 1 (u 0.3), not at 0.5; basis 1 sees -4.8: silent
+    # x = -7: basis 1 sees 7.5: fires at 3 (4.5), at 3 (1.5), then stays below 3; basis 0 silent
+    # x = 2: basis 0 reaches its second threshold exactly (H(0) = 1), then u = 0
+    assert trains[:, 0, 0].tolist() == [1, 0, 1, 0]
+    assert trains[:, 1, 0].tolist() == [0, 0, 0, 0]
+    assert trains[:, 0, 1].tolist() == [0, 0, 0, 0]
+    assert trains[:, 1, 1].tolist() == [1, 1, 0, 0]
+    assert trains[:, 0, 2].tolist() == [0, 1, 0, 0]
+    assert trains[:, 1, 2].tolist() == [0, 0, 0, 0]
+    y = neuron(x)  # 0.25 + 1 * (4 + 1); 0.25 + 0.5 * (3 + 1.5); 0.25 + 1 * 2
+    assert y.dtype == dtype and y.tolist() == [5.25, 2.5, 2.25]
+    torch.testing.assert_close(neuron.v[:, 0], torch.tensor([0.3, -4.8], dtype=dtype))
+    assert neuron.count_events((x,), y) == (5.0, 3 * 2 * 4)  # 2 + 2 + 1 spikes
+    functional.reset_net(neuron)
+    assert neuron.v is None
+    fast = MBENeuron(two_bases())
+    assert fast(x).tolist() == [5.25, 2.5, 2.25] and fast.spike_counts(x).tolist() == [2, 2, 1]
+
+
+@pytest.mark.parametrize("T", [4, 8, 16])
+def test_halving_code_is_the_binary_code(T):
+    code = MBECode.halving(T, 2, lo=-1.0, hi=3.0)  # a = 2, covers [-1, 3)
+    x = torch.linspace(-1.0, 3.0, 20001, dtype=torch.float64)[:-1]
+    z = x - code.x0
+    y, count = code(z, exact_table=False)
+    last = 2.0 * 2.0 ** -(T - 1)  # the last step's intensity
+    err = z - y
+    assert float(err.min()) >= 0 and float(err.max()) <= last  # truncation to the T-bit grid
+    # the spike count is the number of ones of the binary code of floor((x - lo) / last), twice (2 bases)
+    ints = torch.floor(z / last).long()
+    ones = sum(((ints >> b) & 1) for b in range(T))
+    assert torch.equal(count.long(), 2 * ones)
+
+
+def _random_code(T: int, N: int, seed: int) -> MBECode:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: lo + (hi - lo) * torch.rand(N, generator=g, dtype=torch.float64)  # noqa: E731
+    sign = torch.where(torch.rand(N, generator=g) < 0.5, 1.0, -1.0)
+    return MBECode("gelu", r(0.2, 3.0), r(0.3, 1.0), r(0.3, 1.0), r(0.1, 1.2), r(-1, 1), r(-0.1, 0.1), sign,
+                   0.0, 0.1, T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("code", [pytest.param(lambda: _random_code(8, 5, 0), id="random"),
+                                  pytest.param(lambda: MBECode.halving(12, 8, 0, 1, signed=True, dither=True),
+                                               id="dithered"),
+                                  pytest.param(lambda: load_code("gelu", 8, 4), id="gelu-T8"),
+                                  pytest.param(lambda: load_code("identity", 8, 8), id="identity-T8")])
+def test_exact_table_equals_step_by_step(code, dtype):
+    code = code()
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(10_000, generator=g, dtype=dtype) * 3,
+                   torch.linspace(-8, 8, 5_001, dtype=dtype)])
+    table = MBENeuron(code)
+    steps = MBENeuron(code, fast=False)
+    assert torch.equal(table(x), steps(x))
+    assert torch.equal(table.spike_counts(x), steps.spike_counts(x))
+    # the step-by-step counts are the spike trains summed
+    assert torch.equal(steps.spike_trains(x).sum((0, 1)).int(), steps.spike_counts(x))
+    # breakpoints themselves: every interval's left end, where the pattern changes
+    bounds = code.table(dtype, "cpu").bounds
+    b = bounds[:: max(1, len(bounds) // 3000)]
+    assert torch.equal(table(b), steps(b)) and torch.equal(table.spike_counts(b), steps.spike_counts(b))
+
+
+def test_count_events_counts_bases_and_steps():
+    code = load_code("identity", 8, 8)
+    n = MBENeuron(code, 2.0, 2.0)
+    x = torch.tensor([[0.0, 1.0], [-1.5, 0.7]])
+    events, steps = n.count_events((x,), n(x))
+    assert steps == 4 * 8 * 8
+    assert events == float(n.spike_counts(x).sum()) and n.spike_counts(x)[0, 0] == 0  # zero is silent
+
+
+def test_identity_scale_and_exact():
+    code = load_code("identity", 8, 8)
+    n = MBENeuron(code)
+    n.set_scale(4.0)
+    x = torch.linspace(-4, 4, 1001)
+    assert float((n(x) - x).abs().max()) <= 4.0 * 2.0 ** -8  # 8 bits on [-4, 4], and better
+    n.exact = True
+    assert torch.equal(n(x), x)
+    with pytest.raises(ValueError, match="scale"):
+        n.set_scale(0.0)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="T must be"):
+        load_codes(0, 8)
+    with pytest.raises(ValueError, match="N"):
+        load_codes(8, 0)
+    with pytest.raises(ValueError, match="mbe-fit") as e:
+        load_codes(9, 8)
+    assert FIT_COMMAND in str(e.value)
+    with pytest.raises(ValueError, match="primitive"):
+        MBECode("tanh", [1.0], [0.7], [0.7], [0.7], [1.0], [0.0], [1.0], 0.0, 0.0, 4)
+    with pytest.raises(ValueError, match="start"):
+        MBECode("gelu", [-1.0], [0.7], [0.7], [0.7], [1.0], [0.0], [1.0], 0.0, 0.0, 4)
+    with pytest.raises(ValueError, match="T must be"):
+        MBECode.halving(0, 2)
+    assert set(PRIMITIVES) == {"gelu", "exp2", "recip", "rsqrt", "identity"}
