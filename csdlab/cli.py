@@ -305,9 +305,20 @@ def train_main(args: Sequence[str] | None = None, run: bool = True,
 
 
 def convert_main(argv: Sequence[str] | None = None) -> None:
-    """``convert.py test --config configs/convert/NAME.yaml``: see :mod:`csdlab.eval.cli`."""
+    """``convert.py test --config configs/convert/NAME.yaml`` (see :mod:`csdlab.eval.cli`), or
+    ``convert.py mbe-fit [--Ts [..]] [--Ns [..]] [--out_dir DIR]``: regenerate the MBE neurons'
+    fitted parameters (:func:`csdlab.snn.mbe_fit.fit_all`; without ``--out_dir`` the package's own
+    tables, bit for bit)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_dependencies()
+    if argv[:1] == ["mbe-fit"]:
+        from jsonargparse import CLI
+
+        from csdlab.snn.mbe_fit import fit_all
+
+        CLI(fit_all, args=argv[1:], parser_mode="yaml", exit_on_error=False)
+        return
     from csdlab.eval.cli import make_convert_cli
 
-    quiet_dependencies()
     os.environ.setdefault("WANDB_MODE", "offline")
     make_convert_cli(argv)
