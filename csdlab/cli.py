@@ -218,6 +218,11 @@ class TrainCLI(LightningCLI):
 
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for logger in trainer.loggers:
+            # Lightning's WandbLogger passes anonymous=None, which W&B >= 0.19 warns about on every run
+            init = getattr(logger, "_wandb_init", None)
+            if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+                del init["anonymous"]
         return trainer
 
     def before_fit(self) -> None:

@@ -67,9 +67,9 @@ def test_lsq_equals_qcfs_with_lam_equal_s_times_L(levels):
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5])
 def test_levels_below_one_rejected(bad):
-    with pytest.raises(ValueError, match="levels L must be an integer >= 1"):
+    with pytest.raises(ValueError, match=f"levels L must be an integer >= 1, got {bad!r}"):
         LSQQuantizer(bad)
-    with pytest.raises(ValueError, match="levels"):
+    with pytest.raises(ValueError, match=f"levels L must be an integer >= 1, got {bad!r}"):
         QCFSQuantizer(bad)
 
 
