@@ -1,4 +1,12 @@
-"""The spike-driven check (docs/methods.md §1.4): is every layer input of the SNN a binary spike tensor?"""
+"""The spike-driven check (docs/methods.md §1.4): is every synaptic operation of the SNN driven by spikes?
+
+Checked: every Conv2d / Linear and every product of two activations (modules with
+``synaptic_product = True``: TDEC, EC and MBE products). A checked layer passes when all its
+tensor inputs are binary (0/1), when it is exempt (the analog image, the head's readout), or when
+it declares ``encodes_inputs = True``: it turns its inputs into spike trains with its own neurons
+before any synaptic operation (MBE's spiking linear inputs and products, whose dense simulation
+then works on the decoded values; the layers inside such a module are not checked again).
+"""
 
 from __future__ import annotations
 
@@ -11,13 +19,15 @@ from torch import Tensor, nn
 
 __all__ = ["LayerCheck", "SpikeDrivenReport", "spike_driven_check", "is_binary"]
 
-# layers whose inputs must be spikes: weight layers, and every operator that counts its own
-# operations (the products of two spike trains: TDEC, EC, MBE)
 CHECKED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
 def _checked(m: nn.Module) -> bool:
-    return isinstance(m, CHECKED_TYPES) or hasattr(m, "count_ops")
+    return isinstance(m, CHECKED_TYPES) or getattr(m, "synaptic_product", False) or _encodes(m)
+
+
+def _encodes(m: nn.Module) -> bool:
+    return bool(getattr(m, "encodes_inputs", False))
 
 
 def is_binary(x: Tensor) -> bool:
@@ -33,6 +43,7 @@ class LayerCheck:
     kind: str
     binary: bool = True
     exempt: bool = False
+    encoded: bool = False
     calls: int = 0
 
 
@@ -44,11 +55,11 @@ class SpikeDrivenReport:
 
     @property
     def ok(self) -> bool:
-        return all(c.binary or c.exempt for c in self.layers) and all(c.calls for c in self.layers)
+        return not self.violations and all(c.calls for c in self.layers)
 
     @property
     def violations(self) -> list[str]:
-        return [c.name for c in self.layers if not (c.binary or c.exempt)]
+        return [c.name for c in self.layers if not (c.binary or c.exempt or c.encoded)]
 
 
 @torch.no_grad()
@@ -75,9 +86,14 @@ def spike_driven_check(model: nn.Module, run: Callable[[nn.Module], Any],
             check.binary &= all(is_binary(x) for x in inputs if isinstance(x, Tensor))
         return fn
 
+    inside_encoder: list[str] = []
     for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside_encoder):
+            continue
+        if _encodes(m):
+            inside_encoder.append(name)
         if _checked(m):
-            check = LayerCheck(name, type(m).__name__, exempt=id(m) in exempt_ids)
+            check = LayerCheck(name, type(m).__name__, exempt=id(m) in exempt_ids, encoded=_encodes(m))
             report.layers.append(check)
             handles.append(m.register_forward_pre_hook(hook(check)))
     try:

@@ -179,6 +179,8 @@ class ECMatMul(TimeFlatModule):
         scale: constant ``c`` multiplying the product (``head_dim ** -0.5`` for ``q k^T``).
     """
 
+    synaptic_product = True  # a product of two activations (the spike-driven check)
+
     def __init__(self, scale: float = 1.0) -> None:
         super().__init__()
         self.scale = float(scale)

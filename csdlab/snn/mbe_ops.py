@@ -59,6 +59,9 @@ class MBEProduct(nn.Module):
         scale: constant factor (the attention scale; folded into ``D``).
     """
 
+    synaptic_product = True  # a product of two activations (the spike-driven check)
+    encodes_inputs = True  # both operands become spike trains before the AND
+
     def __init__(self, enc_a: MBENeuron, enc_b: MBENeuron, matmul: bool = True, scale: float = 1.0) -> None:
         super().__init__()
         self.enc_a, self.enc_b = enc_a, enc_b
@@ -173,6 +176,8 @@ class MBELinear(nn.Module):
         linear: the ANN layer.
         encoder: the neuron whose spikes drive it (identity, or the GELU neuron).
     """
+
+    encodes_inputs = True  # the input becomes spikes before the synapses (the spike-driven check)
 
     def __init__(self, linear: nn.Linear, encoder: MBENeuron) -> None:
         super().__init__()

@@ -114,6 +114,8 @@ class TDECMatMul(nn.Module):
     three-term form costs on event-driven hardware.
     """
 
+    synaptic_product = True  # a product of two activations (the spike-driven check)
+
     def forward(self, a_seq: Tensor, b_seq: Tensor) -> Tensor:
         """``[T, ..., n, k]`` x ``[T, ..., k, m]`` binary trains -> ``[T, ..., n, m]`` integers."""
         prod = cumsum_steps(a_seq) @ cumsum_steps(b_seq)  # [T, ..., n, m] = S^A_t S^B_t, t = 1..T

@@ -136,3 +136,24 @@ def test_converter_contract():
         assert analog[0] is sm.snn.patch_embed.proj and analog[-1] is sm.snn.head
         assert len(identity_sites(sm.snn)) == len(conv.ranges)
     assert model.blocks[0].attn.__class__.__name__ == "Attention"  # the model is untouched
+
+
+@pytest.mark.parametrize("linear_inputs", [True, False])
+def test_spike_driven_check_sees_encoded_linear_inputs_and_products(linear_inputs):
+    from csdlab.snn.checks import spike_driven_check
+
+    model = small_vit()
+    snn = convert_vit_mbe(model, 8, 8, 4, linear_inputs=linear_inputs)
+    x = torch.randn(2, 1, 16, 16)
+    analog = [snn.patch_embed.proj, snn.head]
+    report = spike_driven_check(snn, lambda s: s(x), exempt=analog)
+    encoded = sorted(c.name for c in report.layers if c.encoded)
+    # per block: qkv, proj, fc1, fc2 spike-encoded, and the products (q k^T, attn v, softmax and
+    # LayerNorm products); the Linear layers inside the encoders are not checked again
+    assert ("blocks.0.attn.qkv" in encoded) is linear_inputs
+    assert "blocks.0.attn.qkv.linear" not in [c.name for c in report.layers]
+    assert sum("blocks.1.attn" in n and "linear" not in n for n in encoded) >= 2
+    if linear_inputs:
+        assert report.ok, report.violations
+    else:  # without spiking linear inputs, qkv / proj / fc1 / fc2 read analog values: the check says so
+        assert not report.ok and "blocks.0.attn.qkv" in report.violations
