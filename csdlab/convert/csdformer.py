@@ -1,4 +1,4 @@
-"""Exact conversion of a quantized CSDformer (the QANN) into a spike-driven SNN (METHODS 1.3-1.4).
+"""Exact conversion of a quantized CSDformer (the QANN) into a spike-driven SNN (docs/methods.md §1.3-1.4).
 
 1. fold every BN into its conv / linear;
 2. every quantizer (step s, clip ``lam = s*L``) becomes a DIF neuron. A neuron fed by a conv /
@@ -7,7 +7,7 @@
 3. the two attention products become TDEC products of binary trains; the neurons after them
    integrate the integer ``P_t`` with the constant scales absorbed in their thresholds:
    ``theta_a = lam_a T / (lam_q lam_k / sqrt(d))`` and ``theta_o = lam_o T / (lam_a lam_v / N)``,
-   which for ``T = L`` are METHODS' ``s_a sqrt(d) / (s_q s_k)`` and ``s_o N / (s_a s_v)``;
+   which for ``T = L`` are docs/methods.md's ``s_a sqrt(d) / (s_q s_k)`` and ``s_o N / (s_a s_v)``;
 4. max-pools become TDEC max-pools.
 
 The SNN runs the model's own forward code on a time-flattened batch ``[T*B, ...]``: convs,
@@ -179,7 +179,7 @@ def _thresholds(model: CSDformer, time_steps: int) -> dict[int, Tensor]:
 def convert_csdformer(qann: CSDformer, time_steps: int | None = None, delay: int | None = None,
                       allow_time_steps_mismatch: bool = False,
                       config: dict[str, Any] | None = None) -> SpikingCSDformer:
-    """Convert a quantized CSDformer into its spike-driven SNN (METHODS 1.3-1.4).
+    """Convert a quantized CSDformer into its spike-driven SNN (docs/methods.md §1.3-1.4).
 
     Args:
         qann: the trained quantized model (``act='lsq'`` or ``'qcfs'``); it is not modified.

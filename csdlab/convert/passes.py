@@ -39,7 +39,7 @@ def swap_modules(model: nn.Module, rules: Mapping[type, Callable[[nn.Module], nn
 
 @torch.no_grad()
 def fold_bn_into_(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
-    """Fold an eval-mode BN into the layer before it (METHODS 1.3.1), per output channel:
+    """Fold an eval-mode BN into the layer before it (docs/methods.md §1.3.1), per output channel:
     ``W' = g/sqrt(var+eps) W``, ``b' = g (b - mu)/sqrt(var+eps) + beta``."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"cannot fold a BatchNorm without running statistics: {bn}")

@@ -1,4 +1,4 @@
-"""CSDformer: the conversion-oriented transformer of CSDformer (METHODS 1.1).
+"""CSDformer: the conversion-oriented transformer of CSDformer (docs/methods.md §1.1).
 
 A Spikingformer layout built only from parts that convert exactly to spikes:
 
@@ -78,7 +78,7 @@ class MatMul(nn.Module):
 
 
 class Attention(nn.Module):
-    """Tailored MSA: act before each linear, BN after, NReLU attention (METHODS 1.1 TMSA)."""
+    """Tailored MSA: act before each linear, BN after, NReLU attention (docs/methods.md §1.1 TMSA)."""
 
     def __init__(self, dim: int, num_heads: int, act: str = "lsq", levels: int = 4) -> None:
         super().__init__()
@@ -115,7 +115,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Tailored MLP: ``BN(act2(BN(act1(x) W1 + b1)) W2 + b2)`` (METHODS 1.1 TMLP)."""
+    """Tailored MLP: ``BN(act2(BN(act1(x) W1 + b1)) W2 + b2)`` (docs/methods.md §1.1 TMLP)."""
 
     def __init__(self, dim: int, hidden: int, act: str = "lsq", levels: int = 4) -> None:
         super().__init__()
@@ -178,7 +178,7 @@ class Tokenizer(nn.Module):
 
 
 class CSDformer(nn.Module):
-    """Conversion-oriented transformer (CSDformer, METHODS 1.1).
+    """Conversion-oriented transformer (CSDformer, docs/methods.md §1.1).
 
     Args:
         img_size: input resolution (square); must be divisible by 2 ** len(pool_stages).

@@ -1,8 +1,8 @@
 """Spiking neurons built on SpikingJelly 2.0's stateful ``MemoryModule``.
 
-* :class:`DelayedIFNode`: the delayed integrate-and-fire (DIF) neuron of CSDformer (METHODS 1.4,
+* :class:`DelayedIFNode`: the delayed integrate-and-fire (DIF) neuron of CSDformer (docs/methods.md §1.4,
   Algorithm 1). With ``delay >= T - 1`` its spike count equals the LSQ quantizer's level.
-* :class:`MTNeuron`: the multi-threshold neuron of ECMT (METHODS 2.1): at most one signed spike
+* :class:`MTNeuron`: the multi-threshold neuron of ECMT (docs/methods.md §2.1): at most one signed spike
   per step, at one of ``n`` power-of-two levels per sign, reset by subtraction.
 """
 

@@ -103,7 +103,7 @@ class TDECMaxPool2d(nn.Module):
 
 
 class TDECMatMul(nn.Module):
-    """Product of two spike trains by temporal decomposition (METHODS 1.3.4).
+    """Product of two spike trains by temporal decomposition (docs/methods.md §1.3.4).
 
     ``P_t = S^A_t S^B_t - S^A_{t-1} S^B_{t-1} = A_t B_t + A_t S^B_{t-1} + S^A_{t-1} B_t`` and
     ``sum_t P_t = (sum_t A_t)(sum_t B_t)``. ``P_t`` is an integer; the constant scale of the

@@ -1,4 +1,4 @@
-"""CSDformer -> SNN conversion (METHODS 1.3-1.4): exactness in float64, errors, spike-driven check,
+"""CSDformer -> SNN conversion (docs/methods.md §1.3-1.4): exactness in float64, errors, spike-driven check,
 energy counting, save / load."""
 
 from __future__ import annotations

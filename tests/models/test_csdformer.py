@@ -1,4 +1,4 @@
-"""CSDformer family in timm's registry (METHODS 1.1)."""
+"""CSDformer family in timm's registry (docs/methods.md §1.1)."""
 
 import pytest
 import timm

@@ -1,4 +1,4 @@
-"""LSQ / QCFS quantizers (METHODS 1.2): values at level boundaries, gradients, equivalence."""
+"""LSQ / QCFS quantizers (docs/methods.md §1.2): values at level boundaries, gradients, equivalence."""
 
 import math
 

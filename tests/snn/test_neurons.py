@@ -1,4 +1,4 @@
-"""DIF neuron (METHODS 1.4): spike counts, exact equality with the LSQ quantizer, reset, errors."""
+"""DIF neuron (docs/methods.md §1.4): spike counts, exact equality with the LSQ quantizer, reset, errors."""
 
 from __future__ import annotations
 

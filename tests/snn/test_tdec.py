@@ -1,4 +1,4 @@
-"""TDEC operators (METHODS 1.3.4): binary max-pool, spike-train product that telescopes."""
+"""TDEC operators (docs/methods.md §1.3.4): binary max-pool, spike-train product that telescopes."""
 
 from __future__ import annotations
 
