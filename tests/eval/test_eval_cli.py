@@ -106,14 +106,17 @@ def run_convert(tmp_path: Path, args: list[str], devices: int) -> dict:
     return json.loads((out / "figures.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["csdformer", "ecmt"])
+@pytest.mark.parametrize("method", ["csdformer", "ecmt", "mbe"])
 def test_two_processes_give_the_figures_of_one(method: str, digits_qann: Path, digits_vit: Path,
                                                tmp_path: Path) -> None:
     if method == "csdformer":
         args = _args(digits_qann, tmp_path, "--model.converter.delays", "[0, 3]", "--data.limit", "100")
-    else:
+    elif method == "ecmt":
         args = _args(digits_vit, tmp_path, "--model.converter.T", "3", "--data.limit", "100",
                      "--data.calib_batches", "2", converter="csdlab.convert.ecmt.ECMTConverter")
+    else:
+        args = _args(digits_vit, tmp_path, "--model.converter.Ts", "[8]", "--data.limit", "100",
+                     "--data.calib_batches", "2", converter="csdlab.convert.mbe.MBEConverter")
     one, two = run_convert(tmp_path, args, 1), run_convert(tmp_path, args, 2)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     f1, f2 = one["figures"], two["figures"]
