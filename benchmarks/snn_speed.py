@@ -1,19 +1,23 @@
 """CSDformer SNN simulation speed against the QANN, measured side by side in one run (issues 3, 9).
 
 For D = 0 and D = 3 (T = L = 4): ``SNN time for one batch / (T x QANN time for the same batch)``.
-A dense simulation cannot go much below 1.0: every layer sees T input steps. The SNN is timed as
-the evaluation runs it, *with spike counting* (``--count eval``, the default): forward hooks
-mirroring ``csdlab.eval.metrics.FiringCounter`` (events of every neuron layer: the layer's own
-``count_events`` if it has one, else ``count_nonzero`` of its output) and ``csdlab.energy.OpCounter``
-(every spike-fed Conv2d / Linear: non-zero input events x actual fan-out, per time step; a module
-with ``count_ops`` counts itself; the analog first conv and head: dense MACs). The simulation
-alone is timed as well. All candidates are interleaved round by round (``benchmarks/_timing.py``),
-medians reported; the last line is ``ratio=<counted SNN at D = 3 / (T x QANN)>``.
+A dense simulation cannot go much below 1.0: every layer sees T input steps. The SNN is timed
+alone and *with the evaluation's spike counting*: forward hooks doing the work of
+``csdlab.eval.metrics.FiringCounter`` (events of every neuron layer: its ``count_events`` if it
+has one, else ``count_nonzero`` of its output) and ``csdlab.energy.OpCounter`` (every spike-fed
+Conv2d / Linear: non-zero input events x actual fan-out, per time step; a module with
+``count_ops`` counts itself; the analog first conv and head: dense MACs). The synaptic events are
+counted twice over, in separate candidates: with ``csdlab.snn.counting.synaptic_events`` (exact,
+one comparison pass and one reduction) and with ``csdlab.energy.synaptic_events`` where that
+exists (else a copy of its occupancy-convolution form). All candidates are interleaved round by
+round (``benchmarks/_timing.py``), medians reported; the last line is
+``ratio=<SNN at D = 3 with counting (csdlab.snn.counting) / (T x QANN)>``.
 
     python benchmarks/snn_speed.py [--model csdformer_tiny] [--batch 64] [--repeats 10] [--threads 1]
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the peak bytes of live tensor
-storages created during the forward pass (``LiveTensorPeak``, allocator-independent).
+storages created during the forward pass (``LiveTensorPeak``, allocator-independent; under it the
+DIF neurons run their eager loop, which allocates the same tensors as the compiled one).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ from csdlab.quant import ActQuantizer
 from csdlab.snn.counting import synaptic_events
 from csdlab.snn.neurons import DelayedIFNode
 
+try:  # the evaluation's own function, where this checkout has it
+    from csdlab.energy import synaptic_events as energy_synaptic_events
+except ImportError:
+    energy_synaptic_events = None
+
 __all__ = ["LiveTensorPeak", "EvalCounters", "build_qann"]  # LiveTensorPeak: ecmt_speed imports it from here
 
 log = logging.getLogger("snn_speed")
@@ -43,7 +52,8 @@ log = logging.getLogger("snn_speed")
 def occupancy_synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
     """Per-row (dim 0) non-zero input events x actual fan-out, computed as the evaluation's
     ``csdlab.energy.synaptic_events`` computed it when this benchmark was written (event mask in
-    float64 sums, a ones-kernel convolution for the conv occupancy)."""
+    float64 sums, a ones-kernel convolution for the conv occupancy); used where csdlab.energy has
+    no ``synaptic_events``."""
     mask = x != 0
     if isinstance(module, nn.Linear):
         return mask.flatten(1).sum(1, dtype=torch.float64) * module.out_features
@@ -129,8 +139,6 @@ def main() -> None:
     parser.add_argument("--model", default="csdformer_tiny")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--delays", type=int, nargs="+", default=[0, 3])
-    parser.add_argument("--count", choices=["eval", "none"], default="eval",
-                        help="time the SNN with the evaluation's counting hooks (eval) or without (none) for the ratio")
     args = parser.parse_args()
     device = setup(args)
     if 3 not in args.delays:
@@ -151,7 +159,7 @@ def main() -> None:
     for d in args.delays:
         fns[f"snn D={d}"] = lambda d=d: snns[d](x)
         fns[f"snn D={d} +count"] = counted(d, synaptic_events)
-    fns["snn D=3 +count (occupancy conv)"] = counted(3, occupancy_synaptic_events)
+    fns["snn D=3 +count (energy)"] = counted(3, energy_synaptic_events or occupancy_synaptic_events)
     with torch.no_grad():
         med = medians(interleaved(fns, args.repeats, device, args.warmup))
         mem = {"qann": peak_mib(fns["qann"], device)}
@@ -165,12 +173,12 @@ def main() -> None:
         sim, cnt = med[f"snn D={d}"], med[f"snn D={d} +count"]
         log.info("SNN D=%d simulation only    %9.2f ms   time / (T x QANN) = %.3f   peak %7.1f MiB (%.2fx the QANN's)",
                  d, 1e3 * sim, sim / (T * med["qann"]), mem[f"snn D={d}"], mem[f"snn D={d}"] / mem["qann"])
-        log.info("SNN D=%d with eval counting %9.2f ms   time / (T x QANN) = %.3f", d, 1e3 * cnt, cnt / (T * med["qann"]))
-    old = med["snn D=3 +count (occupancy conv)"]
-    log.info("SNN D=3, counting with the occupancy convolution (float64 mask sums): %.2f ms, %.3f", 1e3 * old,
-             old / (T * med["qann"]))
-    key = "snn D=3 +count" if args.count == "eval" else "snn D=3"
-    print_ratio(med[key] / (T * med["qann"]))
+        log.info("SNN D=%d with counting      %9.2f ms   time / (T x QANN) = %.3f", d, 1e3 * cnt, cnt / (T * med["qann"]))
+    energy = med["snn D=3 +count (energy)"]
+    log.info("SNN D=3 with counting, synaptic events by %s: %.2f ms, time / (T x QANN) = %.3f",
+             "csdlab.energy.synaptic_events" if energy_synaptic_events else "the occupancy convolution (copy)",
+             1e3 * energy, energy / (T * med["qann"]))
+    print_ratio(med["snn D=3 +count"] / (T * med["qann"]))
 
 
 if __name__ == "__main__":

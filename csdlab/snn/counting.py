@@ -41,10 +41,11 @@ def count_spikes(x: Tensor) -> Tensor:
 
     Returns a 0-d float64 tensor on ``x``'s device (no host synchronisation).
     """
-    flat = x.detach().reshape(1, -1)
-    if not flat.is_floating_point():
-        flat = flat.to(torch.float32)
-    return _exact_row_sums(flat)[0]
+    x = x.detach()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # half precision: summed in float32
+    if x.numel() <= _CHUNK:  # any strides: no copy of a transposed train
+        return x.sum(dtype=acc).to(torch.float64)
+    return _exact_row_sums(x.reshape(1, -1).to(acc))[0]
 
 
 def nonzero_per_row(x: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ For an operator ``F`` of running sums ``S_t = sum_{i<=t} x_i`` the output at ste
   binary x integer products need additions only (ACs).
 
 Both are multi-step: they take whole ``[T, ...]`` trains and keep no state between calls. Both
-evaluate ``F`` on ``S_1..S_T`` only (``F(S_0) = F(0) = 0``) and difference in place: no
+evaluate ``F`` on ``S_1..S_T`` only (``F(S_0) = F(0) = 0``) and take differences step by step: no
 concatenated zero step, one pass per running sum (``torch.cumsum`` over dim 0 costs several on a
 CPU). Every value is a small integer, so the order of the arithmetic cannot change a result.
 """
