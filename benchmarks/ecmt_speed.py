@@ -34,7 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,11 @@ from typing import Any
 import timm
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from csdlab.convert.ecmt import ECMTConverter, SpikingViT
 from csdlab.snn.ecmt import nonzero_per_step
+
+from _timing import LiveTensorPeak  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 log = logging.getLogger("ecmt_speed")
 
@@ -55,38 +54,6 @@ FMNIST_CKPT = ROOT / "assets" / "fmnist_vit_tiny.ckpt"
 
 
 # -- measuring ------------------------------------------------------------------------------------
-
-class LiveTensorPeak(TorchDispatchMode):
-    """Peak bytes of tensor storages produced inside the mode and still alive (CPU peak memory)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._refs: dict[int, int] = {}  # storage pointer -> live tensors using it
-
-    def _release(self, ptr: int, nbytes: int) -> None:
-        self._refs[ptr] -= 1
-        if self._refs[ptr] == 0:
-            del self._refs[ptr]
-            self.live -= nbytes
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        inputs = {id(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor) or id(t) in inputs:  # in-place ops return their input
-                continue
-            storage = t.untyped_storage()
-            ptr, nbytes = storage.data_ptr(), storage.nbytes()
-            if ptr not in self._refs:
-                self._refs[ptr] = 0
-                self.live += nbytes
-            self._refs[ptr] += 1
-            weakref.finalize(t, self._release, ptr, nbytes)
-        self.peak = max(self.peak, self.live)
-        return out
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
