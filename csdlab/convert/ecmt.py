@@ -47,7 +47,8 @@ from csdlab.snn.ecmt import ECFunction, ECMatMul, TimeFlatModule
 from csdlab.snn.neurons import MTNeuron
 
 __all__ = ["ECMTConverter", "SpikingViT", "ECMTAttention", "ECMTMlp", "AnalogEmbed", "convert_vit", "mt_sites",
-           "site_modules", "percentile", "percentile_pair", "site_overrides", "thresholds_from_percentiles", "set_thresholds"]
+           "site_modules", "percentile", "percentile_pair", "site_overrides", "thresholds_from_percentiles",
+           "set_thresholds"]
 
 log = logging.getLogger(__name__)
 
