@@ -364,7 +364,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--calib-batch", type=int, default=128, help="images per calibration batch (fmnist)")
-    parser.add_argument("--images-per-pass", type=int, default=None)
+    parser.add_argument("--images-per-pass", type=int, default=None,
+                        help="images simulated together (default: the converter's ceil(160 / T))")
     parser.add_argument("--count-levels", action="store_true", help="also time per-level spike histograms")
     parser.add_argument("--sections", type=lambda s: s.split(","), default=["speed", "memory", "calibration"])
     parser.add_argument("--data-dir", default="/tmp/csdlab_data")

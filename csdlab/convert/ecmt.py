@@ -47,7 +47,8 @@ from csdlab.snn.ecmt import ECFunction, ECMatMul, TimeFlatModule
 from csdlab.snn.neurons import MTNeuron
 
 __all__ = ["ECMTConverter", "SpikingViT", "ECMTAttention", "ECMTMlp", "AnalogEmbed", "convert_vit", "mt_sites",
-           "site_modules", "percentile", "percentile_pair", "site_overrides", "thresholds_from_percentiles", "set_thresholds"]
+           "site_modules", "percentile", "percentile_pair", "site_overrides", "thresholds_from_percentiles",
+           "set_thresholds"]
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,11 @@ def mt_sites(snn: nn.Module) -> dict[str, MTNeuron]:
     return {name: m for name, m in snn.named_modules() if isinstance(m, MTNeuron)}
 
 
+#: image-steps (images x T) simulated together by default: the layers' batches stay as large as a
+#: few ANN batches (large GEMMs), memory stays within a few ANN forwards' (docs/methods.md §2.3)
+IMAGE_STEPS_PER_PASS = 160
+
+
 class SpikingViT(SpikingModel):
     """An ECMT-converted timm ViT, simulated for ``time_steps`` steps with a readout after each.
 
@@ -280,7 +286,8 @@ class SpikingViT(SpikingModel):
             its state is dropped); False: one full forward per step on ``[B, ...]`` (streaming).
             Both give the same logits.
         images_per_pass: multi-step only: simulate at most this many images at once (memory is
-            about proportional to ``images_per_pass x T``); None: the whole batch at once.
+            about proportional to ``images_per_pass x T``); None: ``ceil(IMAGE_STEPS_PER_PASS / T)``
+            (16 at T = 10), so one pass holds about as many image-steps as a few ANN batches.
     """
 
     def __init__(self, net: nn.Module, time_steps: int, multi_step: bool = True,
@@ -289,12 +296,12 @@ class SpikingViT(SpikingModel):
         if not isinstance(time_steps, int) or time_steps < 1:
             raise ValueError(f"time_steps must be an integer >= 1, got {time_steps!r}")
         if images_per_pass is not None and images_per_pass < 1:
-            raise ValueError(f"images_per_pass must be >= 1 or None (the whole batch), got {images_per_pass!r}")
+            raise ValueError(f"images_per_pass must be >= 1 or None (ceil(160 / T)), got {images_per_pass!r}")
         self.net = net
         self.time_steps = time_steps
         self.readout_steps = list(range(1, time_steps + 1))
         self.multi_step = multi_step
-        self.images_per_pass = images_per_pass
+        self.images_per_pass = images_per_pass or math.ceil(IMAGE_STEPS_PER_PASS / time_steps)
         for m in net.modules():
             if isinstance(m, TimeFlatModule):
                 m.step_mode = "m" if multi_step else "s"
@@ -326,8 +333,7 @@ class SpikingViT(SpikingModel):
         if not self.multi_step:
             logits = torch.stack([self.net(images) for _ in range(self.time_steps)])
         else:
-            n = images.shape[0] if self.images_per_pass is None else self.images_per_pass
-            logits = torch.cat([self._layer_by_layer(x) for x in images.split(n)], dim=1)
+            logits = torch.cat([self._layer_by_layer(x) for x in images.split(self.images_per_pass)], dim=1)
         functional.reset_net(self.net)
         # running mean with the single-step path's operations: total += logits(t); total / t
         readout = torch.empty_like(logits)
@@ -472,7 +478,8 @@ class ECMTConverter(Converter):
         softmax_threshold: fixed ``th1 = th2`` after the softmax (None: percentile).
         gelu_thresholds: fixed ``(th1, th2)`` after the MLP activation (None: percentile).
         multi_step: simulate layer by layer on ``[T*B, ...]`` (False: one forward per step).
-        images_per_pass: simulate at most this many images at once (memory ~ images x T).
+        images_per_pass: simulate at most this many images at once (memory ~ images x T; None:
+            ``ceil(160 / T)``, see :class:`SpikingViT`).
     """
 
     name = "ecmt"
@@ -492,7 +499,7 @@ class ECMTConverter(Converter):
             raise ValueError(f"gelu_thresholds must be two values > 0 (th1, th2) or None (percentile), "
                              f"got {gelu_thresholds!r}")
         if images_per_pass is not None and images_per_pass < 1:
-            raise ValueError(f"images_per_pass must be >= 1 or None (the whole batch), got {images_per_pass!r}")
+            raise ValueError(f"images_per_pass must be >= 1 or None (ceil(160 / T)), got {images_per_pass!r}")
         self.T, self.levels, self.percentile = T, levels, float(percentile)
         self.softmax_threshold, self.gelu_thresholds = softmax_threshold, gelu_thresholds
         self.multi_step, self.images_per_pass = multi_step, images_per_pass
