@@ -3,7 +3,6 @@ pretrained weights, with the data settings it expects."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import nn

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 from spikingjelly.activation_based import base
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 __all__ = ["MBECode", "MBETable", "MBENeuron", "PRIMITIVES", "Primitive", "run_steps", "decay", "load_codes",
