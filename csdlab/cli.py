@@ -262,7 +262,9 @@ class TrainCLI(LightningCLI):
         best = ckpt.best_model_path if ckpt is not None else ""
         if not best:
             log.warning("no best checkpoint was saved (nothing monitored?): testing the final weights")
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
+        # verbose=False: the conversion figures would make a 150-row table; the RESULT line follows
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True,
+                          verbose=False)
         self._report_result(best)
 
     def _report_result(self, best: str) -> None:

@@ -11,6 +11,7 @@ the one evaluation path (:class:`csdlab.eval.ConversionMetrics`). Figures go thr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from csdlab.eval.metrics import ConversionMetrics
 from csdlab.eval.report import plot_report
 
 __all__ = ["ConversionCallback"]
+
+log = logging.getLogger(__name__)
 
 
 class ConversionCallback(Callback):
@@ -99,6 +102,10 @@ class ConversionCallback(Callback):
         self.last_results = figures
         pl_module.log_dict({f"conversion/{stage}/{k}": v for k, v in figures.items()}, sync_dist=False)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank asks
+        if trainer.is_global_zero:
+            log.info("conversion (%s): %s", stage, "; ".join(
+                f"SNN {v} top-1 {figures[f'snn/{v}/top1']:.4f}, agreement {figures[f'snn/{v}/agreement']:.4f}"
+                for v in variants))
         if self.plots and trainer.is_global_zero:
             out = Path(log_dir) / "conversion" / f"{stage}_epoch{trainer.current_epoch}"
             results: dict[str, Any] = {"method": "csdformer", "figures": figures, "variants": variants}
