@@ -41,7 +41,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from csdlab.convert.passes import swap_modules
+from csdlab.convert.passes import describe_modules, swap_modules, unknown_modules
 from csdlab.eval.api import AllReduce, Converter, SpikingModel
 from csdlab.snn.ecmt import ECFunction, ECMatMul, TimeFlatModule
 from csdlab.snn.neurons import MTNeuron
@@ -173,18 +173,12 @@ _KNOWN = (VisionTransformer, VisionTransformerDistilled, Block, nn.Sequential, A
 
 
 def _unknown_modules(model: nn.Module) -> dict[str, str]:
-    unknown, skip = {}, []
+    # an EC wraps any function F, evaluated as a whole; the patch embedding is analog and constant
+    # over time (computed as in the ANN), but it must be timm's conv PatchEmbed
+    unknown = unknown_modules(model, _KNOWN, opaque=(ECFunction, AnalogEmbed))
     for name, m in model.named_modules():
-        if any(name.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(m, ECFunction):
-            skip.append(name)  # the wrapped function is evaluated as a whole: any F is fine
-        elif isinstance(m, AnalogEmbed):
-            skip.append(name)  # analog and constant over time: computed as in the ANN
-            if type(m.embed) is not PatchEmbed or not isinstance(m.embed.proj, nn.Conv2d):
-                unknown[f"{name}.embed"] = type(m.embed).__name__
-        elif type(m) not in _KNOWN:
-            unknown[name or "<root>"] = type(m).__name__
+        if isinstance(m, AnalogEmbed) and (type(m.embed) is not PatchEmbed or not isinstance(m.embed.proj, nn.Conv2d)):
+            unknown[f"{name}.embed"] = type(m.embed).__name__
     return unknown
 
 
@@ -242,13 +236,9 @@ def convert_vit(model: nn.Module, levels: int = 8, spiking: bool = True) -> nn.M
     swapped = _convert_(snn, levels, spiking)
     unknown = _unknown_modules(snn)
     if unknown or not isinstance(model, VisionTransformer):
-        by_type: dict[str, list[str]] = {}
-        for name, type_name in unknown.items():
-            by_type.setdefault(type_name, []).append(name)
-        listing = "; ".join(f"{t} x{len(ns)} ({', '.join(ns[:3])}{', ...' if len(ns) > 3 else ''})"
-                            for t, ns in by_type.items()) or "none"
         raise ValueError(f"cannot ECMT-convert {type(model).__name__}: ECMT converts timm VisionTransformer "
-                         f"models (Block, Attention, Mlp, LayerNorm; distilled DeiT); unknown modules: {listing}")
+                         f"models (Block, Attention, Mlp, LayerNorm; distilled DeiT); unknown modules: "
+                         f"{describe_modules(unknown)}")
     functional.invalidate_reset_cache(snn)  # SpikingJelly caches the resettable modules
     log.debug("ECMT: swapped %d modules (attention, MLP, norms, patch embedding), %d MT sites, levels=%d",
               len(swapped), len(mt_sites(snn)), levels)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from csdlab.models.csdformer import ConvBN, LinearBN
 
-__all__ = ["swap_modules", "fold_batchnorm_", "fold_bn_into_", "scale_input_"]
+__all__ = ["swap_modules", "fold_batchnorm_", "fold_bn_into_", "scale_input_", "unknown_modules", "describe_modules"]
 
 
 def swap_modules(model: nn.Module, rules: Mapping[type, Callable[[nn.Module], nn.Module]],
