@@ -1,16 +1,17 @@
 """Fashion-MNIST top-1 of the MBE SNN of ``assets/fmnist_vit_tiny.ckpt`` (docs/mbe.md figures).
 
     python benchmarks/mbe_accuracy.py [--Ts 8 10 12 16] [--limit 10000] [--ablation]
+    python benchmarks/mbe_accuracy.py --primitive-errors [--Ts 16]
 
-Identity ranges are calibrated on training images (``--calib-batches`` x 256, evaluation
-transforms), never the test set; accuracy is on the first ``--limit`` test images. ``--ablation``
-adds, at the largest T, one operation group spiking at a time, then all. Single process, CPU or GPU.
+Accuracy runs are ``convert.py test --config configs/convert/fmnist_vit_mbe.yaml`` (the one
+evaluation path: identity ranges calibrated on training images, never the test set) on the first
+``--limit`` test images. ``--ablation`` adds, at the largest T, one operation group spiking at a
+time. ``--primitive-errors`` measures each fitted primitive on the inputs the ViT feeds it.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import tempfile
 import time
@@ -18,39 +19,29 @@ from pathlib import Path
 
 import torch
 
-from csdlab.convert.mbe import GROUPS, MBEConverter
+from csdlab.convert.mbe import GROUPS
 from csdlab.lit.data import ImageDataModule
 from csdlab.lit.module import load_classifier
 
 log = logging.getLogger("mbe_accuracy")
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "fmnist_vit_tiny.ckpt"
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "assets" / "fmnist_vit_tiny.ckpt"
 
 
-@torch.no_grad()
-def mbe_accuracies(Ts: list[int], limit: int = 10_000, calib_batches: int = 4, data_dir: str | None = None,
-                   switches: dict[str, bool] | None = None, bases: int = 8, gelu_bases: int = 4,
-                   device: str = "cpu") -> dict[str, float]:
-    """``{"ann": top1, "T8": top1, ...}`` (fractions) on the first ``limit`` test images."""
-    model, _ = load_classifier(ASSET)
-    model = model.eval().to(device)
-    dm = ImageDataModule("fashion_mnist", data_dir or tempfile.mkdtemp(prefix="fmnist_"), batch_size=256,
-                         augment=False)
-    conv = MBEConverter(Ts=Ts, bases=bases, gelu_bases=gelu_bases, **(switches or {}))
-    conv.check(model)
-    calib = (x.to(device) for x, _ in itertools.islice(dm.calibration_dataloader(), calib_batches))
-    conv.calibrate(model, calib, lambda t: t)
-    variants = conv.convert(model)
-    correct = dict.fromkeys(["ann", *variants], 0)
-    seen = 0
-    for x, y in dm.test_dataloader():
-        x, y = x[: limit - seen].to(device), y[: limit - seen].to(device)
-        correct["ann"] += int((model(x).argmax(-1) == y).sum())
-        for label, sm in variants.items():
-            correct[label] += int((sm(x)[-1].argmax(-1) == y).sum())
-        seen += len(y)
-        if seen >= limit:
-            break
-    return {k: v / seen for k, v in correct.items()}
+def mbe_accuracies(Ts: list[int], limit: int = 10_000, data_dir: str | None = None,
+                   switches: dict[str, bool] | None = None) -> dict[str, float]:
+    """``{"ann": top1, "T8": top1, ...}`` (fractions) on the first ``limit`` test images, through
+    ``convert.py``'s MBE config."""
+    from csdlab.eval.cli import make_convert_cli
+
+    out = tempfile.mkdtemp(prefix="mbe_accuracy_")
+    args = ["test", "--config", str(ROOT / "configs" / "convert" / "fmnist_vit_mbe.yaml"),
+            "--model.checkpoint", str(ASSET), "--model.converter.Ts", str(list(Ts)),
+            "--data.limit", str(limit), "--data.data_dir", data_dir or f"{out}/data",
+            "--report.out_dir", out, "--trainer.default_root_dir", out, "--progress_bar.refresh_rate", "0"]
+    args += [f"--model.converter.{g}={str(on).lower()}" for g, on in (switches or {}).items()]
+    f = make_convert_cli(args).model.results["figures"]
+    return {"ann": f["ref/top1"], **{f"T{T}": f[f"snn/T{T}/top1"] for T in Ts}}
 
 
 @torch.no_grad()
@@ -94,11 +85,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--Ts", type=int, nargs="+", default=[8, 10, 12, 16])
     p.add_argument("--limit", type=int, default=10_000)
-    p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--primitive-errors", action="store_true", help="only the per-primitive errors on real inputs")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -109,14 +98,13 @@ def main() -> None:
                 log.info("T=%d %-8s mean MSE %.3g  max %.3g  (%d sites)", T, k, v["mean_mse"], v["max_mse"], v["sites"])
         return
     t0 = time.perf_counter()
-    acc = mbe_accuracies(a.Ts, a.limit, a.calib_batches, a.data_dir, device=a.device)
+    acc = mbe_accuracies(a.Ts, a.limit, a.data_dir)
     log.info("all groups: %s  (%.0f s)", {k: round(100 * v, 2) for k, v in acc.items()}, time.perf_counter() - t0)
     if a.ablation:
         T = max(a.Ts)
         for group in GROUPS:
             t0 = time.perf_counter()
-            alone = mbe_accuracies([T], a.limit, a.calib_batches, a.data_dir, {g: g == group for g in GROUPS},
-                                   device=a.device)
+            alone = mbe_accuracies([T], a.limit, a.data_dir, {g: g == group for g in GROUPS})
             log.info("T=%d %s alone: %.2f %%  (%.0f s)", T, group, 100 * alone[f"T{T}"], time.perf_counter() - t0)
 
 

@@ -23,20 +23,20 @@ from torch import Tensor, nn
 
 from csdlab.snn.counting import count_spikes
 
-__all__ = ["TDECMaxPool2d", "TDECMatMul", "running_sum", "cumsum_steps", "difference_steps", "difference_steps_"]
+__all__ = ["TDECMaxPool2d", "TDECMatMul", "cumsum_steps", "difference_steps", "difference_steps_"]
 
 
-def running_sum(x_seq: Tensor) -> Tensor:
-    """``S_t = sum_{i<=t} x_i`` over dim 0, with ``S_0 = 0`` prepended: ``[T, ...] -> [T+1, ...]``."""
-    return torch.cat([torch.zeros_like(x_seq[:1]), cumsum_steps(x_seq)])
-
-
-def cumsum_steps(x_seq: Tensor, out: Tensor | None = None) -> Tensor:
-    """``S_t = sum_{i<=t} x_i`` over dim 0, ``[T, ...] -> [T, ...]``: one add per step into ``out``
-    (a new contiguous tensor by default; the same sums, in the same order, as ``cumsum``)."""
+def cumsum_steps(x_seq: Tensor, out: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+    """``S_t = start + sum_{i<=t} x_i`` over dim 0, ``[T, ...] -> [T, ...]``: one add per step into
+    ``out`` (a new contiguous tensor by default; ``out`` may be ``x_seq`` itself). The same
+    additions, in the same order, as a single-step module adding one input per step, so the result
+    is bit-identical to it (``torch.cumsum`` accumulates float32 in float64 on a CPU)."""
     if out is None:
         out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
-    out[0].copy_(x_seq[0])
+    if start is not None:
+        torch.add(start, x_seq[0], out=out[0])
+    elif out is not x_seq:
+        out[0].copy_(x_seq[0])
     for t in range(1, x_seq.shape[0]):
         torch.add(out[t - 1], x_seq[t], out=out[t])
     return out
