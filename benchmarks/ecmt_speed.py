@@ -5,9 +5,8 @@ on training batches, test images) and ``vit_small_patch16_224`` at 224 px (rando
 access here; thresholds calibrated on random images, random images in). For each model and batch:
 
 * **speed**: SNN time per step / ANN forward time, with the evaluation's counting off and on
-  (on: a firing-rate hook on every MT site, events = non-zero outputs, and an op counter on every
-  Conv2d / Linear and every module with ``count_ops``, split per step as the evaluation does;
-  ``--count-levels`` adds the MT neurons' per-level histograms). ANN and SNN runs are interleaved
+  (on: the evaluation's own ``FiringCounter`` on every MT site and ``OpCounter`` on every layer,
+  per step; ``--count-levels`` adds the MT neurons' per-level histograms). ANN and SNN runs are interleaved
   repeat by repeat, so load from other processes hits both alike; medians are reported, wall
   clock and this thread's CPU time;
 * **memory** (``--memory-T`` steps, the largest batch): peak bytes of live tensors (``LiveTensorPeak``,
@@ -17,7 +16,10 @@ access here; thresholds calibrated on random images, random images in). For each
   peak RSS of a calibration over 40 vs 5 batches (separate processes, batches drawn lazily).
 
 The last line is ``ratio=<SNN per step / ANN>`` of the main configuration: the Fashion-MNIST ViT at
-the largest batch with counting on (the evaluation's setting).
+the largest batch with counting on (the evaluation's setting). ``--breakdown`` profiles one run of
+each and splits the time into dense products, the functions F and the rest (neurons, EC running
+sums and differences, counting): the dense products and F alone are the floor of any exact dense
+simulation.
 
     python benchmarks/ecmt_speed.py [--models fmnist,vit_small] [--batches 8,64] [--T 10] [--repeats 5]
 """
@@ -25,6 +27,7 @@ the largest batch with counting on (the evaluation's setting).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -43,7 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from csdlab.convert.ecmt import ECMTConverter, SpikingViT
-from csdlab.snn.ecmt import nonzero_per_step
+from csdlab.energy import OpCounter
+from csdlab.eval.metrics import FiringCounter
 
 from _timing import LiveTensorPeak  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -107,77 +111,37 @@ def rss_peak_mib(fn: Callable[[], Any]) -> tuple[float, float]:
     return (peak - before) / 2**20, before / 2**20
 
 
-# -- the evaluation's counting (the eval contract: firing-rate hooks + per-step op counter) -------
+# -- the evaluation's counting ---------------------------------------------------------------------
 
-class EvalCounting:
-    """Hooks as ``csdlab.eval`` attaches them (the contract of ``csdlab/eval/api.py``): events per
-    MT site (``count_events``), and MACs / ACs per step of every Conv2d / Linear (``[T*B, ...]``
-    split into T steps) and of every ``count_ops`` module. Non-zero entries are counted on the
-    boolean view (``nonzero_per_step``): ``count_nonzero`` on float tensors is ~7x slower on a CPU."""
+@contextlib.contextmanager
+def eval_counting(snn: SpikingViT) -> Iterator[None]:
+    """The counters ``csdlab.eval`` wraps every simulation in (``ConversionMetrics``), unchanged:
+    firing per MT site and MACs / ACs per step of every layer."""
+    ops = OpCounter(snn, analog=snn.analog_layers(), steps=snn.time_steps, time_flattened=snn.time_flattened())
+    with FiringCounter(snn.sites()), ops:
+        yield
 
-    def __init__(self, snn: SpikingViT) -> None:
-        self.snn = snn
-        self.handles: list[Any] = []
-        steps = snn.time_steps
-        self.events = {n: torch.zeros(2, dtype=torch.float64) for n in snn.sites()}
-        self.ops = torch.zeros(steps, 2, dtype=torch.float64)  # per step: MACs, ACs
 
-    def __enter__(self) -> EvalCounting:
-        analog = {id(m) for m in self.snn.analog_layers()}
-        steps = self.snn.time_steps
-        flat = self.snn.time_flattened()
-        for name, m in self.snn.sites().items():
-            self.handles.append(m.register_forward_hook(self._site_hook(self.events[name])))
-        skip: list[str] = []
-        for name, m in self.snn.named_modules():
-            if any(name.startswith(s + ".") for s in skip):
-                continue
-            if hasattr(m, "count_ops"):
-                skip.append(name)
-                self.handles.append(m.register_forward_hook(self._self_counting_hook()))
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                self.handles.append(m.register_forward_hook(self._layer_hook(id(m) in analog, steps, flat)))
-        return self
+# -- where the time goes -------------------------------------------------------------------------
 
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
+_DENSE = ("aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution",
+          "aten::_scaled_dot_product_flash_attention_for_cpu")
+_FUNCTIONS = ("aten::native_layer_norm", "aten::gelu", "aten::_softmax")
 
-    @staticmethod
-    def _site_hook(acc: Tensor) -> Callable[..., None]:
-        def fn(mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if hasattr(mod, "count_events"):  # the MT neuron counts itself
-                events, neuron_steps = mod.count_events(inputs, output)
-            else:
-                events, neuron_steps = torch.count_nonzero(output.bool()), output.numel()
-            acc[0] += float(events)
-            acc[1] += neuron_steps
 
-        return fn
+def breakdown(fn: Callable[[], Any]) -> dict[str, float]:
+    """Self CPU seconds of one call of ``fn`` split into the dense products (Linear, conv, matrix
+    products, fused attention), the non-linear functions F (LayerNorm, GELU, softmax) and all the
+    rest (neurons, EC sums and differences, counting, dispatch overhead)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def _self_counting_hook(self) -> Callable[..., None]:
-        def fn(mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            macs, acs = mod.count_ops(inputs, output)
-            if isinstance(macs, Tensor):
-                self.ops[:, 0] += macs.cpu()
-                self.ops[:, 1] += acs.cpu()
-
-        return fn
-
-    def _layer_hook(self, analog: bool, steps: int, flat: bool) -> Callable[..., None]:
-        def fn(mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            x = inputs[0]
-            n = steps if flat else 1
-            per_out = output.numel() / n
-            fan_in = mod.in_features if isinstance(mod, nn.Linear) else \
-                (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
-            dense = per_out * fan_in
-            if analog:
-                self.ops[:, 0] += dense
-            else:  # event fraction of the input at each step
-                self.ops[:, 1] += dense * nonzero_per_step(x, n).cpu() / (x.numel() / n)
-
-        return fn
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    split = {"dense": 0.0, "F": 0.0, "rest": 0.0}
+    for e in prof.key_averages():
+        key = "dense" if e.key in _DENSE else "F" if e.key in _FUNCTIONS else "rest"
+        split[key] += e.self_cpu_time_total / 1e6
+    return split
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -242,7 +206,7 @@ def speed(args: argparse.Namespace, model: str, device: torch.device) -> dict[in
             if mode == "off":
                 snn(x)
             else:
-                with EvalCounting(snn):
+                with eval_counting(snn):
                     snn(x)
 
         variants: dict[str, Callable[[], Any]] = {"ann": lambda: ann(x)}
@@ -265,6 +229,14 @@ def speed(args: argparse.Namespace, model: str, device: torch.device) -> dict[in
             w, c = (v / args.T for v in med[f"snn {mode}"])
             res[mode] = w / ann_w
             log.info("  %-16s %10.2f %10.2f %12.3f %11.3f", f"SNN/step {mode}", 1e3 * w, 1e3 * c, w / ann_w, c / ann_c)
+        if args.breakdown:
+            with torch.no_grad():
+                parts = {"ANN forward": breakdown(variants["ann"]),
+                         "SNN/step on": {k: v / args.T for k, v in breakdown(variants["snn on"]).items()}}
+            total = sum(parts["ANN forward"].values())
+            log.info("  where the time goes (profiled self CPU time, ms; in units of the ANN forward):")
+            for name, split in parts.items():
+                log.info("  %-16s %s", name, "   ".join(f"{k} {1e3 * v:8.2f} ({v / total:.2f})" for k, v in split.items()))
         results[batch] = res
     return results
 
@@ -367,6 +339,8 @@ def main() -> None:
     parser.add_argument("--images-per-pass", type=int, default=None,
                         help="images simulated together (default: the converter's ceil(160 / T))")
     parser.add_argument("--count-levels", action="store_true", help="also time per-level spike histograms")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="profile one ANN forward and one SNN run: dense products / F / rest")
     parser.add_argument("--sections", type=lambda s: s.split(","), default=["speed", "memory", "calibration"])
     parser.add_argument("--data-dir", default="/tmp/csdlab_data")
     parser.add_argument("--threads", type=int, default=1,

@@ -393,6 +393,23 @@ def _rank(q: float, n: int) -> int:
     return min(max(int(torch.tensor(q / 100 * n).ceil()), 1), n)
 
 
+_SLABS = 8  # the prefilter of _beyond views a tensor as [8, n / 8]
+
+
+def _beyond(flat: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+    """Every element of ``flat`` that is ``>= hi`` or ``<= lo`` (in some order; selection does not
+    care). Boolean selection on a CPU costs several times a reduction, so it runs on a fraction:
+    ``flat`` viewed as ``[8, n/8]``, a column is kept when its max or min reaches a bound (two
+    vectorised reductions; ~20 % of the columns at the 1.5 % tails of calibration) and only the
+    kept columns are filtered element by element."""
+    n = flat.numel()
+    if n % _SLABS == 0 and n > _EXACT_BELOW:
+        view = flat.view(_SLABS, -1)
+        keep = torch.ge(view.amax(0), hi).logical_or_(torch.le(view.amin(0), lo))
+        flat = view.index_select(1, keep.nonzero().squeeze(1)).flatten()
+    return flat[torch.ge(flat, hi).logical_or_(torch.le(flat, lo))]
+
+
 def percentile_pair(x: Tensor, p: float) -> Tensor:
     """``[p-th, (100-p)-th]`` nearest-rank percentiles of all of ``x`` (float32, exact), p > 50:
     both tails cut out in one pass (one mask, one selection), then ``kthvalue`` on each tail."""
@@ -405,11 +422,12 @@ def percentile_pair(x: Tensor, p: float) -> Tensor:
     r_hi, r_lo = n - k_hi + 1, k_lo  # ranks from the top / from the bottom
     hi_bound, lo_bound = _tail_bound(flat, sample, r_hi, True), _tail_bound(flat, sample, r_lo, False)
     if bool(lo_bound < hi_bound):
-        mask = torch.ge(flat, hi_bound).logical_or_(torch.le(flat, lo_bound))
-        tails = flat[mask]  # ~1.5x both tails: all that can hold the two answers
-        upper, lower = tails[tails >= hi_bound], tails[tails <= lo_bound]
-        if upper.numel() >= r_hi and lower.numel() >= r_lo:
-            return torch.stack([upper.kthvalue(upper.numel() - r_hi + 1).values, lower.kthvalue(r_lo).values])
+        tails = _beyond(flat, hi_bound, lo_bound)  # ~1.5x both tails: all that can hold the two answers
+        # each answer is ranked within the tails (both sides: counting beats another selection)
+        # once its side holds enough elements, i.e. the answer lies beyond its bound
+        c = tails.numel()
+        if int(torch.ge(tails, hi_bound).sum()) >= r_hi and int(torch.le(tails, lo_bound).sum()) >= r_lo:
+            return torch.stack([tails.kthvalue(c - r_hi + 1).values, tails.kthvalue(r_lo).values])
     return torch.stack([_kth_smallest(flat, k_hi), _kth_smallest(flat, k_lo)])  # the bounds missed (rare)
 
 

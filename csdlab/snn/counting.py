@@ -14,17 +14,25 @@ integers from the fast operations:
 * a convolution's synaptic events are ``sum_{c,h,w} [x != 0] * cover(h, w) * C_out / groups``,
   where ``cover(h, w)`` counts the output windows that contain input position ``(h, w)`` (fewer
   than ``kh * kw`` near the border). ``cover`` is separable and depends only on the geometry.
+
+A spike tensor is usually counted twice (the firing counter at the neuron, the op counter at the
+layer it feeds), and a neuron that computes its spikes in a fused kernel gets the counts almost
+for free. :func:`record_nonzero_rows` lets the producer of a tensor attach its per-row counts
+(computed, or to be computed on the first request); :func:`nonzero_per_row` then answers for that
+tensor object from the record, once. A record is the producer's promise that the tensor is not
+modified afterwards; it disappears with the tensor.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["count_spikes", "nonzero_per_row", "conv_cover", "synaptic_events"]
+__all__ = ["count_spikes", "nonzero_per_row", "record_nonzero_rows", "conv_cover", "synaptic_events"]
 
 _CHUNK = 1 << 24  # float32 represents every integer up to 2^24 exactly
 
@@ -48,15 +56,67 @@ def count_spikes(x: Tensor) -> Tensor:
     return _exact_row_sums(x.reshape(1, -1).to(acc))[0]
 
 
+# id(tensor) -> (weak reference to it, its per-row counts or None until first asked for)
+_RECORDS: dict[int, list[Any]] = {}
+
+
+def record_nonzero_rows(x: Tensor, per_row: Tensor | None = None) -> None:
+    """Attach to the tensor object ``x`` its non-zero counts per row (dim 0), ``[x.shape[0]]``, or
+    ``None`` to have them computed on the first :func:`nonzero_per_row` of ``x`` and kept.
+
+    The caller (the producer of ``x``) promises that ``x`` is not modified in place afterwards. The
+    record goes when ``x`` is garbage-collected (no version counter is needed, so it works under
+    ``torch.inference_mode``).
+    """
+    if per_row is not None and per_row.shape != x.shape[:1]:
+        raise ValueError(f"per_row must have shape {tuple(x.shape[:1])}, got {tuple(per_row.shape)}")
+    key = id(x)
+    _RECORDS[key] = [weakref.ref(x, lambda _ref, key=key: _RECORDS.pop(key, None)), per_row]
+
+
 def nonzero_per_row(x: Tensor) -> Tensor:
     """Non-zero entries of ``x`` per row (dim 0; NaN counts as non-zero, as ``x != 0`` does).
 
+    A tensor with a record (:func:`record_nonzero_rows`) is counted at most once.
+
     Returns ``[x.shape[0]]`` float64 on ``x``'s device.
     """
+    record = _RECORDS.get(id(x))
+    if record is not None and record[0]() is x:
+        if record[1] is None:
+            record[1] = _count_rows(x)
+        return record[1].to(torch.float64)
+    return _count_rows(x)
+
+
+#: elements of the reused 0/1 scratch buffer: a fresh large buffer per count costs more in page
+#: faults (the allocator returns it to the system) than the comparison itself
+_SCRATCH_ELEMS = 1 << 20
+_SCRATCH: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _count_rows(x: Tensor) -> Tensor:
     x = x.detach()
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    mask = torch.ne(x, 0, out=torch.empty(x.shape, dtype=dtype, device=x.device))  # 1.0 / 0.0
-    return _exact_row_sums(mask.reshape(x.shape[0], -1))
+    rows = x.shape[0]
+    if x.numel() == 0:
+        return torch.zeros(rows, dtype=torch.float64, device=x.device)
+    flat = x.reshape(rows, -1)
+    width = flat.shape[1]
+    if rows == 0 or width > _SCRATCH_ELEMS or x.device.type != "cpu":
+        mask = torch.ne(flat, 0, out=torch.empty(flat.shape, dtype=dtype, device=x.device))  # 1.0 / 0.0
+        return _exact_row_sums(mask)
+    key = (x.device, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.empty(_SCRATCH_ELEMS, dtype=dtype, device=x.device)
+    step = _SCRATCH_ELEMS // width
+    counts = []
+    for i in range(0, rows, step):  # blocks of whole rows through the scratch buffer
+        part = flat[i:i + step]
+        mask = torch.ne(part, 0, out=buf[:part.numel()].view(part.shape))
+        counts.append(mask.sum(1, dtype=dtype))  # width <= 2^20: exact in float32
+    return torch.cat(counts).to(torch.float64)
 
 
 def _cover_1d(size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int) -> list[int]:

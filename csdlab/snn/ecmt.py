@@ -71,9 +71,12 @@ def running_sum(x: Tensor, start: Tensor | None = None, inplace: bool = False) -
 
 
 def nonzero_per_step(x: Tensor, steps: int) -> Tensor:
-    """Non-zero entries in each of the ``steps`` equal parts of ``x`` along dim 0 (float64 ``[steps]``;
-    :func:`csdlab.snn.counting.nonzero_per_row` on the ``[steps, -1]`` view)."""
-    return nonzero_per_row(x.reshape(steps, -1))
+    """Non-zero entries in each of the ``steps`` equal parts of ``x`` along dim 0 (float64 ``[steps]``):
+    :func:`csdlab.snn.counting.nonzero_per_row` of ``x`` itself (counted once per neuron output,
+    however many counters ask), summed per step."""
+    if x.shape[0] % steps:
+        return nonzero_per_row(x.reshape(steps, -1))
+    return nonzero_per_row(x).view(steps, -1).sum(1)
 
 
 def _check_state(module: TimeFlatModule, t0: int, kept: object) -> None:

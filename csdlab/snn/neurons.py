@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from csdlab.compiling import CompiledKernel
 from csdlab.quant.lsq import ActQuantizer
-from csdlab.snn.counting import count_spikes
+from csdlab.snn.counting import count_spikes, nonzero_per_row, record_nonzero_rows
 from csdlab.snn.ecmt import TimeFlatModule
 
 __all__ = ["DelayedIFNode", "MTNeuron"]
@@ -199,16 +199,22 @@ class MTNeuron(TimeFlatModule):
 
     def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, int]:
         """Spikes (non-zero outputs: at most one per neuron and step) and neuron-steps of the call
-        that produced ``output``; counted on the boolean view, ~7x faster than on the floats."""
-        return torch.count_nonzero(output.bool()), output.numel()
+        that produced ``output``. A multi-step output is counted once, per row, for every counter
+        that asks (this one and the op counter of the layer it feeds)."""
+        return nonzero_per_row(output).sum(), output.numel()
 
     def materialize_states(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
-                           step_mode: str) -> tuple[Tensor]:
+                           step_mode: str) -> tuple[Tensor | None]:
         (v,) = states
-        if v is None:
-            ref = inputs[0] if step_mode == "s" else inputs[0][0]
-            v = torch.zeros_like(ref)
-        return (v,)
+        if v is None and step_mode == "s":
+            v = torch.zeros_like(inputs[0])
+        return (v,)  # multi-step starts a fresh membrane itself (no tensor of zeros to fill)
+
+    def multi_step_forward(self, *inputs: Tensor, **kwargs: object) -> Tensor:
+        out = super().multi_step_forward(*inputs, **kwargs)
+        # the spikes are final: the firing counter and the next layer's op counter share one count
+        record_nonzero_rows(out)
+        return out
 
     def _fire(self, m: Tensor, sth: Tensor | None = None, out: Tensor | None = None) -> Tensor:
         """Spikes of membrane ``m`` (signed, level-weighted), into ``out`` if given; ``sth``: a
@@ -262,7 +268,9 @@ class MTNeuron(TimeFlatModule):
             out = x_seq
         else:
             out = torch.empty(x_seq.shape, dtype=x_seq.dtype, device=x_seq.device)
-        m = v + x_seq[0]  # a fresh membrane: the supplied state stays untouched
+        # a new tensor: a supplied state stays untouched; a fresh membrane is 0 + I(1) (-0.0 becomes
+        # +0.0, exactly as single-step's zeros + I(1))
+        m = x_seq[0] + 0.0 if v is None else v + x_seq[0]
         sth = torch.empty_like(m)
         for t in range(x_seq.shape[0]):
             if t:

@@ -51,3 +51,55 @@ def test_linear_and_binary_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(counting, "_CHUNK", 64)
     assert float(count_spikes(spikes)) == float(torch.count_nonzero(spikes))
     assert nonzero_per_row(x).tolist() == torch.count_nonzero(x.flatten(1), 1).double().tolist()
+
+
+@pytest.mark.parametrize("scratch", [1 << 20, 40])  # 40: rows wider than the scratch buffer, and row blocks
+def test_nonzero_per_row_through_the_scratch_buffer(monkeypatch: pytest.MonkeyPatch, scratch: int) -> None:
+    monkeypatch.setattr(counting, "_SCRATCH", {})
+    monkeypatch.setattr(counting, "_SCRATCH_ELEMS", scratch)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(7, 33), (50, 3, 4), (1, 1), (0, 5)]:
+        x = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.4)
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            y = x.to(dtype)
+            assert nonzero_per_row(y).tolist() == torch.count_nonzero(y.flatten(1), 1).double().tolist()
+    t = torch.randn(6, 20, generator=g).t()  # non-contiguous
+    assert nonzero_per_row(t).tolist() == torch.count_nonzero(t, 1).double().tolist()
+
+
+def test_recorded_counts_are_counted_once_and_die_with_the_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 10, generator=g) * (torch.rand(4, 10, generator=g) < 0.5)
+    expected = torch.count_nonzero(x, 1).double().tolist()
+    calls = []
+    real = counting._count_rows
+    monkeypatch.setattr(counting, "_count_rows", lambda t: calls.append(1) or real(t))
+    counting.record_nonzero_rows(x)  # computed on the first request, then kept
+    assert nonzero_per_row(x).tolist() == expected and nonzero_per_row(x).tolist() == expected
+    assert len(calls) == 1
+    y = x.clone()  # another tensor (same values): no record, counted directly
+    assert nonzero_per_row(y).tolist() == expected and len(calls) == 2
+    given = torch.tensor([9.0, 8.0, 7.0, 6.0])
+    counting.record_nonzero_rows(y, given)  # counts supplied by the producer are returned as given
+    assert nonzero_per_row(y).tolist() == given.tolist() and len(calls) == 2
+    with pytest.raises(ValueError, match="per_row must have shape"):
+        counting.record_nonzero_rows(y, torch.zeros(3))
+    key = id(x)
+    del x
+    assert key not in counting._RECORDS  # the record went with its tensor
+
+
+def test_mt_output_counted_once_for_both_counters() -> None:
+    """The firing counter (count_events) and the next layer's op counter share one count of a
+    multi-step MT output, under inference mode as in Trainer.test."""
+    from csdlab.snn.neurons import MTNeuron
+
+    n = MTNeuron(0.3, 0.2, levels=4)
+    n.step_mode, n.flat_steps = "m", 3
+    lin = nn.Linear(20, 5)
+    with torch.inference_mode():
+        y = n(torch.randn(3 * 2, 20, generator=torch.Generator().manual_seed(3)))
+        events, steps = n.count_events((), y)
+        assert events.item() == torch.count_nonzero(y).item() > 0 and steps == y.numel()
+        assert id(y) in counting._RECORDS and counting._RECORDS[id(y)][1] is not None
+        assert torch.equal(synaptic_events(lin, y), occupancy_events(lin, y))
