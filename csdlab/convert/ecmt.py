@@ -546,6 +546,9 @@ class ECMTConverter(Converter):
         try:
             for batch in batches:
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                # one pass over the whole batch: the percentiles are those of the batch (passes of
+                # fewer images would each add their own percentiles to the sums)
+                float_net.images_per_pass = max(len(x), 1)
                 float_net(x.to(device))
                 count += 1
         finally:

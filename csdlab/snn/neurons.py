@@ -216,19 +216,27 @@ class MTNeuron(TimeFlatModule):
         record_nonzero_rows(out)
         return out
 
-    def _fire(self, m: Tensor, sth: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    def _constants(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``((th1+th2)/2, (th1-th2)/2, 1/2)`` as 0-d tensors in ``like``'s dtype and device, made
+        once per call (per step, these small tensor operations cost as much as the update of a
+        small layer)."""
+        th1, th2 = self.th1.to(like.dtype), self.th2.to(like.dtype)
+        return (th1 + th2) * 0.5, (th1 - th2) * 0.5, torch.full((), 0.5, dtype=like.dtype, device=like.device)
+
+    def _fire(self, m: Tensor, sth: Tensor | None = None, out: Tensor | None = None,
+              constants: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """Spikes of membrane ``m`` (signed, level-weighted), into ``out`` if given; ``sth``: a
-        scratch tensor like ``m``."""
+        scratch tensor like ``m``; ``constants``: :meth:`_constants` of ``m``."""
+        half_sum, half_diff, half = constants if constants is not None else self._constants(m)
         # signed base threshold of each neuron's side, so m / sth >= 0: +-(th1+th2)/2 + (th1-th2)/2
         # is th1 or -th2 (copysign sends -0.0 to the negative side, where it stays silent);
         # torch.where with scalar operands is several times slower on a CPU
-        th1, th2 = self.th1.to(m.dtype), self.th2.to(m.dtype)
-        sth = torch.copysign((th1 + th2) * 0.5, m, out=sth).add_((th1 - th2) * 0.5)
+        sth = torch.copysign(half_sum, m, out=sth).add_(half_diff)
         # m >= th 2^k - th/2  <=>  u = m/sth + 1/2 >= 2^k: the level is 2^floor(log2 u), i.e. u with
         # its mantissa bits cleared (exact, and ~3x cheaper than frexp + ldexp); u < 1: no spike.
         # In place on fresh tensors: on a CPU, allocating a large temporary costs as much as the
         # arithmetic
-        u = torch.addcdiv(_half(m), m, sth, out=out).clamp_(max=2.0 ** (self.levels - 1))
+        u = torch.addcdiv(half, m, sth, out=out).clamp_(max=2.0 ** (self.levels - 1))
         int_type, mask = _EXPONENT_MASKS[m.dtype]
         u.view(int_type).bitwise_and_(mask)
         level = nn.functional.threshold_(u, 0.75, 0.0)  # levels are powers of two: 1 passes, 0.5 not
@@ -271,11 +279,11 @@ class MTNeuron(TimeFlatModule):
         # a new tensor: a supplied state stays untouched; a fresh membrane is 0 + I(1) (-0.0 becomes
         # +0.0, exactly as single-step's zeros + I(1))
         m = x_seq[0] + 0.0 if v is None else v + x_seq[0]
-        sth = torch.empty_like(m)
+        sth, constants = torch.empty_like(m), self._constants(m)
         for t in range(x_seq.shape[0]):
             if t:
                 m.add_(x_seq[t])
-            m.sub_(self._fire(m, sth, out[t]))  # the same operations as single_step_functional_forward
+            m.sub_(self._fire(m, sth, out[t], constants))  # the same operations as single-step
         if self.count_levels:
             self._count(out)
         return (out,), (m,)
@@ -283,6 +291,3 @@ class MTNeuron(TimeFlatModule):
     def extra_repr(self) -> str:
         return f"th1={float(self.th1):.4g}, th2={float(self.th2):.4g}, levels={self.levels}"
 
-
-def _half(m: Tensor) -> Tensor:
-    return torch.full((), 0.5, dtype=m.dtype, device=m.device)

@@ -180,7 +180,8 @@ def _reference_percentiles(ann: torch.nn.Module, batches: list[torch.Tensor], p:
 
 def test_calibration_equals_reference_percentiles_and_two_processes_equal_one() -> None:
     ann = _tiny_vit(depth=2).double()  # float64: the SNN layout's operation order changes nothing
-    batches = [_images(8, seed=s, dtype=torch.float64) for s in range(4)]
+    # one batch larger than a default simulation pass (160 images at T = 1): still one percentile
+    batches = [_images(n, seed=s, dtype=torch.float64) for s, n in enumerate((8, 170, 8, 8))]
     conv = ECMTConverter(percentile=97.0)
     summary = conv.calibrate(ann, batches, lambda t: t)
     assert summary["batches"] == 4 and set(summary["thresholds"]) == set(conv.thresholds)
