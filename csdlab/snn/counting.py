@@ -109,7 +109,10 @@ def _count_rows(x: Tensor) -> Tensor:
     key = (x.device, dtype)
     buf = _SCRATCH.get(key)
     if buf is None:
-        buf = _SCRATCH[key] = torch.empty(_SCRATCH_ELEMS, dtype=dtype, device=x.device)
+        # a normal tensor, even when first asked for under inference mode: an inference tensor
+        # could not be written outside inference mode (the training-time conversion callback)
+        with torch.inference_mode(False):
+            buf = _SCRATCH[key] = torch.empty(_SCRATCH_ELEMS, dtype=dtype, device=x.device)
     step = _SCRATCH_ELEMS // width
     counts = []
     for i in range(0, rows, step):  # blocks of whole rows through the scratch buffer

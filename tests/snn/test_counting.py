@@ -67,6 +67,17 @@ def test_nonzero_per_row_through_the_scratch_buffer(monkeypatch: pytest.MonkeyPa
     assert nonzero_per_row(t).tolist() == torch.count_nonzero(t, 1).double().tolist()
 
 
+def test_scratch_buffer_made_under_inference_mode_works_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(counting, "_SCRATCH", {})
+    x = torch.tensor([[0.0, 1.0, -2.0], [0.0, 0.0, 3.0]])
+    with torch.inference_mode():  # the evaluation (Trainer.test) counts first ...
+        assert nonzero_per_row(x).tolist() == [2.0, 1.0]
+    with torch.no_grad():  # ... then a training-time callback, outside inference mode
+        assert nonzero_per_row(x).tolist() == [2.0, 1.0]
+    with torch.inference_mode():
+        assert nonzero_per_row(x).tolist() == [2.0, 1.0]
+
+
 def test_recorded_counts_are_counted_once_and_die_with_the_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 10, generator=g) * (torch.rand(4, 10, generator=g) < 0.5)
