@@ -402,8 +402,7 @@ def _beyond(flat: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
     ``flat`` viewed as ``[8, n/8]``, a column is kept when its max or min reaches a bound (two
     vectorised reductions; ~20 % of the columns at the 1.5 % tails of calibration) and only the
     kept columns are filtered element by element."""
-    n = flat.numel()
-    if n % _SLABS == 0 and n > _EXACT_BELOW:
+    if flat.numel() % _SLABS == 0:
         view = flat.view(_SLABS, -1)
         keep = torch.ge(view.amax(0), hi).logical_or_(torch.le(view.amin(0), lo))
         flat = view.index_select(1, keep.nonzero().squeeze(1)).flatten()
@@ -412,7 +411,8 @@ def _beyond(flat: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
 
 def percentile_pair(x: Tensor, p: float) -> Tensor:
     """``[p-th, (100-p)-th]`` nearest-rank percentiles of all of ``x`` (float32, exact), p > 50:
-    both tails cut out in one pass (one mask, one selection), then ``kthvalue`` on each tail."""
+    bounds from a small sample, both tails cut out together (:func:`_beyond`), then ``kthvalue``
+    ranks each answer within them."""
     flat = x.detach().flatten().float()
     n = flat.numel()
     k_hi, k_lo = _rank(p, n), _rank(100 - p, n)

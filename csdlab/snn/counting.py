@@ -16,11 +16,10 @@ integers from the fast operations:
   than ``kh * kw`` near the border). ``cover`` is separable and depends only on the geometry.
 
 A spike tensor is usually counted twice (the firing counter at the neuron, the op counter at the
-layer it feeds), and a neuron that computes its spikes in a fused kernel gets the counts almost
-for free. :func:`record_nonzero_rows` lets the producer of a tensor attach its per-row counts
-(computed, or to be computed on the first request); :func:`nonzero_per_row` then answers for that
-tensor object from the record, once. A record is the producer's promise that the tensor is not
-modified afterwards; it disappears with the tensor.
+layer it feeds). :func:`record_nonzero_rows` lets the producer of a tensor mark it as final;
+:func:`nonzero_per_row` then counts that tensor object once and answers every later request from
+the record. A record is the producer's promise that the tensor is not modified afterwards; it
+disappears with the tensor.
 """
 
 from __future__ import annotations
@@ -56,22 +55,20 @@ def count_spikes(x: Tensor) -> Tensor:
     return _exact_row_sums(x.reshape(1, -1).to(acc))[0]
 
 
-# id(tensor) -> (weak reference to it, its per-row counts or None until first asked for)
+# id(tensor) -> [weak reference to it, its per-row counts once first asked for (None before)]
 _RECORDS: dict[int, list[Any]] = {}
 
 
-def record_nonzero_rows(x: Tensor, per_row: Tensor | None = None) -> None:
-    """Attach to the tensor object ``x`` its non-zero counts per row (dim 0), ``[x.shape[0]]``, or
-    ``None`` to have them computed on the first :func:`nonzero_per_row` of ``x`` and kept.
+def record_nonzero_rows(x: Tensor) -> None:
+    """Mark the tensor object ``x`` as final: its non-zero counts per row (dim 0) are computed on
+    the first :func:`nonzero_per_row` of ``x`` and kept.
 
     The caller (the producer of ``x``) promises that ``x`` is not modified in place afterwards. The
     record goes when ``x`` is garbage-collected (no version counter is needed, so it works under
     ``torch.inference_mode``).
     """
-    if per_row is not None and per_row.shape != x.shape[:1]:
-        raise ValueError(f"per_row must have shape {tuple(x.shape[:1])}, got {tuple(per_row.shape)}")
     key = id(x)
-    _RECORDS[key] = [weakref.ref(x, lambda _ref, key=key: _RECORDS.pop(key, None)), per_row]
+    _RECORDS[key] = [weakref.ref(x, lambda _ref, key=key: _RECORDS.pop(key, None)), None]
 
 
 def nonzero_per_row(x: Tensor) -> Tensor:
@@ -85,7 +82,7 @@ def nonzero_per_row(x: Tensor) -> Tensor:
     if record is not None and record[0]() is x:
         if record[1] is None:
             record[1] = _count_rows(x)
-        return record[1].to(torch.float64)
+        return record[1]
     return _count_rows(x)
 
 
@@ -103,7 +100,7 @@ def _count_rows(x: Tensor) -> Tensor:
         return torch.zeros(rows, dtype=torch.float64, device=x.device)
     flat = x.reshape(rows, -1)
     width = flat.shape[1]
-    if rows == 0 or width > _SCRATCH_ELEMS or x.device.type != "cpu":
+    if width > _SCRATCH_ELEMS or x.device.type != "cpu":
         mask = torch.ne(flat, 0, out=torch.empty(flat.shape, dtype=dtype, device=x.device))  # 1.0 / 0.0
         return _exact_row_sums(mask)
     key = (x.device, dtype)
