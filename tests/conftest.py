@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from tests.checkpoints import digits_qann, digits_vit  # noqa: F401  session fixtures for every test folder
+
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never write W&B runs
 
 

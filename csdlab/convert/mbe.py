@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,7 +145,7 @@ def _check_int(name: str, value: Any) -> int:
 def convert_vit_mbe(model: nn.Module, T: int, N: int = 8, gelu_bases: int = 4,
                     ranges: dict[str, float] | None = None, gelu: bool = True, softmax: bool = True,
                     layernorm: bool = True, products: bool = True, linear_inputs: bool = True,
-                    fast: bool = True, exact: bool = False) -> nn.Module:
+                    fast: bool = True, exact: bool = False, table_dir: str | Path | None = None) -> nn.Module:
     """MBE SNN of a timm ``VisionTransformer`` (a converted deep copy; ``model`` is untouched).
 
     Args:
@@ -160,6 +161,8 @@ def convert_vit_mbe(model: nn.Module, T: int, N: int = 8, gelu_bases: int = 4,
         linear_inputs: identity neurons before the block's linear layers.
         fast: exact table path (else step-by-step simulation; same numbers).
         exact: every neuron replaced by its exact function (the converted network equals the ANN).
+        table_dir: folder of fitted ``mbe_T{T}_N{N}.json`` files (``convert.py mbe-fit --out_dir``);
+            ``None``: the tables shipped with csdlab.
 
     Raises:
         ValueError: bad ``T`` / ``N``; no fitted table for ``(T, N)`` (names the command that fits
@@ -168,8 +171,8 @@ def convert_vit_mbe(model: nn.Module, T: int, N: int = 8, gelu_bases: int = 4,
     _check_int("T", T)
     _check_int("N (bases)", N)
     _check_int("gelu_bases", gelu_bases)
-    codes = load_codes(T, N)
-    gelu_code = load_codes(T, gelu_bases)["gelu"]
+    codes = load_codes(T, N, table_dir)
+    gelu_code = load_codes(T, gelu_bases, table_dir)["gelu"]
     if isinstance(model, VisionTransformer) and getattr(model, "attn_pool", None) is not None:
         raise ValueError("cannot MBE-convert a VisionTransformer with attention pooling (attn_pool)")
     make = _Factory(codes, gelu_code, fast, exact)
@@ -226,7 +229,7 @@ def _log_edges(bins_per_octave: int = 16, lo_exp: int = -24, hi_exp: int = 24) -
 @torch.no_grad()
 def calibrate_ranges(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]], all_reduce: AllReduce,
                      percentile: float = 100.0, T: int = 16, N: int = 8, gelu_bases: int = 4,
-                     **switches: bool) -> dict[str, float]:
+                     table_dir: str | Path | None = None, **switches: bool) -> dict[str, float]:
     """Identity-neuron range per site from the float model on training images.
 
     The network is converted with every neuron exact (so it is the ANN) and each identity site
@@ -243,11 +246,12 @@ def calibrate_ranges(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, 
         T: a fitted ``T`` (ranges do not depend on it).
         N: bases (as converted).
         gelu_bases: GELU bases (as converted).
+        table_dir: folder of fitted parameter files (``None``: the shipped ones).
         **switches: the operation-group switches of :func:`convert_vit_mbe` (they decide the sites).
     """
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    snn = convert_vit_mbe(model, T, N, gelu_bases, exact=True, **switches)
+    snn = convert_vit_mbe(model, T, N, gelu_bases, exact=True, table_dir=table_dir, **switches)
     sites = identity_sites(snn)
     names = list(sites)
     edges = _log_edges()
@@ -343,13 +347,16 @@ class MBEConverter(Converter):
         linear_inputs: spiking inputs of the block's linear layers.
         range_percentile: identity range = this percentile of ``|x|`` per site (100: the maximum).
         fast: exact-table neurons (same numbers as the step-by-step simulation).
+        table_dir: folder of fitted parameter files (``convert.py mbe-fit --out_dir``); ``None``: the
+            tables shipped with csdlab.
     """
 
     name = "mbe"
 
     def __init__(self, Ts: list[int] = [8, 10, 12, 16], bases: int = 8, gelu_bases: int = 4,  # noqa: B006
                  gelu: bool = True, softmax: bool = True, layernorm: bool = True, products: bool = True,
-                 linear_inputs: bool = True, range_percentile: float = 100.0, fast: bool = True) -> None:
+                 linear_inputs: bool = True, range_percentile: float = 100.0, fast: bool = True,
+                 table_dir: str | None = None) -> None:
         if not Ts:
             raise ValueError("Ts must list at least one T")
         self.Ts = [_check_int("T", T) for T in Ts]
@@ -358,18 +365,19 @@ class MBEConverter(Converter):
                              linear_inputs=linear_inputs)
         if not 0 < range_percentile <= 100:
             raise ValueError(f"range_percentile must be in (0, 100], got {range_percentile}")
-        self.range_percentile, self.fast = range_percentile, fast
+        self.range_percentile, self.fast, self.table_dir = range_percentile, fast, table_dir
         self.ranges: dict[str, float] | None = None
         for T in self.Ts:  # fail before any data is read
-            load_codes(T, self.bases)
-            load_codes(T, self.gelu_bases)
+            load_codes(T, self.bases, table_dir)
+            load_codes(T, self.gelu_bases, table_dir)
 
     def check(self, model: nn.Module) -> None:
-        convert_vit_mbe(model, self.Ts[0], self.bases, self.gelu_bases, exact=True, **self.switches)
+        convert_vit_mbe(model, self.Ts[0], self.bases, self.gelu_bases, exact=True, table_dir=self.table_dir,
+                        **self.switches)
 
     def calibrate(self, model: nn.Module, batches: Iterable[Tensor], all_reduce: AllReduce) -> dict[str, Any]:
         self.ranges = calibrate_ranges(model, batches, all_reduce, self.range_percentile, self.Ts[0], self.bases,
-                                       self.gelu_bases, **self.switches)
+                                       self.gelu_bases, self.table_dir, **self.switches)
         return {"identity_ranges": dict(self.ranges), "range_percentile": self.range_percentile,
                 "fit_command": FIT_COMMAND}
 
@@ -380,6 +388,6 @@ class MBEConverter(Converter):
         out: dict[str, SpikingModel] = {}
         for T in self.Ts:
             snn = convert_vit_mbe(model, T, self.bases, self.gelu_bases, self.ranges, fast=self.fast,
-                                  **self.switches)
+                                  table_dir=self.table_dir, **self.switches)
             out[f"T{T}"] = MBESpikingModel(snn, T)
         return out

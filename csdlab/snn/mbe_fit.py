@@ -5,8 +5,10 @@ points of its domain: initialised at the halving code (``k = ln 2``) with per-ba
 output weights and constant by least squares, then gradient descent (Adam, lr 0.01) through the
 Heaviside with SpikingJelly's sigmoid surrogate (on ``v / theta_n(t)``, so its width follows each
 threshold), keeping the parameters of the lowest exact (Heaviside) MSE; a final least-squares solve
-of ``(w, c)`` on the exact spike counts ends it. Everything is float64 on one CPU thread, so a refit
-reproduces the shipped files bit for bit on the same software stack.
+of ``(w, c)`` on the exact spike counts ends it. Everything is float64 on one CPU thread and seeded, so
+a refit is deterministic on one machine; across CPUs (vector width, summation order) the rounding and
+so Adam's path differ slightly: a refit reproduces the shipped fits' quality (grid MSE within a
+fraction of a percent, the same network accuracy), not their bytes.
 
 :func:`fit_all` writes ``mbe_T{T}_N{N}.json`` (all primitives for one ``(T, N)``), the files shipped in
 ``csdlab/snn/mbe_tables``; ``python convert.py mbe-fit`` calls it.

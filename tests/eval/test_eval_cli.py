@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from csdlab.eval.cli import make_convert_cli
-from tests.eval.conftest import DIGITS_CSDFORMER, REPO, make_checkpoint
+from tests.checkpoints import DIGITS_CSDFORMER, REPO, make_checkpoint
 
 CSDFORMER = "csdlab.convert.csdformer.CSDformerConverter"
 

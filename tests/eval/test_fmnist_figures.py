@@ -13,7 +13,7 @@ import pytest
 
 from csdlab.eval.cli import make_convert_cli
 from csdlab.lit.data import DEBIAN_FMNIST
-from tests.eval.conftest import REPO
+from tests.checkpoints import REPO
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(), reason="Debian dataset-fashion-mnist not installed")]

@@ -1,4 +1,5 @@
-"""Small train.py-style checkpoints on the embedded digits data (seconds to build)."""
+"""Small train.py-style checkpoints on the embedded digits data (seconds to build); the session
+fixtures ``digits_qann`` / ``digits_vit`` are registered in ``tests/conftest.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from csdlab.lit.data import ImageDataModule
 from csdlab.lit.module import ClassificationModule
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DIGITS_CSDFORMER = {"num_classes": 10, "img_size": 16, "in_chans": 1, "pool_stages": [2, 3], "embed_dim": 32,
                     "act": "lsq", "levels": 4}
 DIGITS_VIT = {"num_classes": 10, "img_size": 16, "in_chans": 1, "patch_size": 4, "embed_dim": 32, "depth": 2,
