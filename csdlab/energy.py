@@ -57,13 +57,15 @@ def dense_macs(module: nn.Module, output: Tensor) -> float:
     raise TypeError(f"dense_macs takes nn.Conv2d or nn.Linear, got {type(module).__name__}")
 
 
-def _per_step(values: Tensor | float, steps: int, step: int | None) -> Tensor:
-    """Spread a count onto a ``[steps]`` vector: a per-step tensor stays, a scalar goes to ``step``
-    (the current call in single-step mode) or, in multi-step mode, to the last step."""
-    out = torch.zeros(steps, dtype=torch.float64)
+def _per_step(values: Tensor | float, steps: int, step: int | None,
+              device: torch.device | str = "cpu") -> Tensor:
+    """Spread a count onto a ``[steps]`` vector on ``device``: a per-step tensor stays, a scalar goes
+    to ``step`` (the current call in single-step mode) or, in multi-step mode, to the last step.
+    A tensor count is never read on the host (no synchronisation with a GPU)."""
     if isinstance(values, Tensor) and values.numel() == steps and values.dim() == 1:
-        return values.detach().to("cpu", torch.float64)
-    out[steps - 1 if step is None else step] = float(values)
+        return values.detach().to(device, torch.float64)
+    out = torch.zeros(steps, dtype=torch.float64, device=device)
+    out[steps - 1 if step is None else step] = values.detach() if isinstance(values, Tensor) else values
     return out
 
 
@@ -103,16 +105,19 @@ class OpCounter:
 
     def _split(self, per_row: Tensor) -> Tensor:
         # [T*B] per-row counts -> [T] per-step counts
-        return per_row.view(self.steps, -1).sum(1).cpu()
+        return per_row.view(self.steps, -1).sum(1)
 
     def _hook(self, name: str):
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             step = self._step_of(name)
-            ops = self.layers.setdefault(name, torch.zeros(2, self.steps, dtype=torch.float64))
+            ops = self.layers.get(name)
+            if ops is None:  # on the layer's device: counts are added there, never read per layer
+                like = output if isinstance(output, Tensor) else inputs[0]
+                ops = self.layers[name] = torch.zeros(2, self.steps, dtype=torch.float64, device=like.device)
             if hasattr(mod, "count_ops"):
                 macs, acs = mod.count_ops(inputs, output)
-                ops[0] += _per_step(macs, self.steps, step)
-                ops[1] += _per_step(acs, self.steps, step)
+                ops[0] += _per_step(macs, self.steps, step, ops.device)
+                ops[1] += _per_step(acs, self.steps, step, ops.device)
                 return
             x = inputs[0]
             if id(mod) in self._analog:
@@ -124,7 +129,7 @@ class OpCounter:
             elif step is None:
                 ops[1] += self._split(synaptic_events(mod, x))
             else:
-                ops[1, step] += float(synaptic_events(mod, x).sum())
+                ops[1, step] += synaptic_events(mod, x).sum()
 
         return hook
 

@@ -22,6 +22,7 @@ a readout step):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,11 +58,15 @@ class FiringCounter:
     """Counts events and neuron-steps at each site while entered (forward hooks).
 
     A site with ``count_events(inputs, output)`` counts itself; otherwise events are the non-zero
-    entries of its output and neuron-steps its ``numel``. Counts stay on the device (no host sync).
+    entries of its output and neuron-steps its ``numel``. Counts stay on the device (no host sync);
+    ``device`` None: the device of the sites' first parameter or buffer (else the CPU).
     """
 
-    def __init__(self, sites: Mapping[str, nn.Module], device: torch.device | str = "cpu") -> None:
+    def __init__(self, sites: Mapping[str, nn.Module], device: torch.device | str | None = None) -> None:
         self.sites = dict(sites)
+        if device is None:
+            tensors = (t for m in self.sites.values() for t in itertools.chain(m.parameters(), m.buffers()))
+            device = next((t.device for t in tensors), torch.device("cpu"))
         self.counts = torch.zeros(2, len(self.sites), dtype=torch.float64, device=device)
         self._handles: list[Any] = []
 
