@@ -272,6 +272,10 @@ class CountedAffine(nn.Module):
     change does no work.
     """
 
+    #: seen by the spike-driven check (csdlab.snn.checks) like the Linear / Conv2d it wraps: STA's
+    #: bursts (count x threshold) are not binary, so these layers are reported with analog inputs
+    synaptic_product = True
+
     def __init__(self, layer: nn.Module, source: EncoderSite | None) -> None:
         super().__init__()
         self.layer = layer
@@ -319,6 +323,8 @@ class CountedAttention(nn.Module):
     accumulated values: for every image whose input changed at a step, the dense MACs of
     ``q k^T`` and ``attn v`` (``2 N^2 D``) and of the output projection (``N D^2``).
     """
+
+    synaptic_product = True  # its attention products take floating-point q, k, v (spike-driven check)
 
     def __init__(self, attention: nn.Module, source: EncoderSite | None) -> None:
         super().__init__()
@@ -456,7 +462,9 @@ class STASpikingModel(SpikingModel):
         return dict(self._sites)
 
     def analog_layers(self) -> list[nn.Module]:
-        return []  # every Linear / Conv2d is wrapped and counts itself (CountedAffine / CountedAttention)
+        # the patch embedding (fed the image); every layer counts itself (count_ops), so this only
+        # exempts it from the spike-driven check
+        return [m for m in self.net.modules() if isinstance(m, CountedAffine) and m.source is None]
 
     def time_flattened(self) -> bool:
         return True  # layers see [T, B, ...] once; their count_ops return per-step tensors
