@@ -181,7 +181,8 @@ def test_rejects_bad_arguments() -> None:
 @pytest.mark.slow
 def test_convert_command_on_fashion_mnist(tmp_path: Path) -> None:
     """``convert.py test`` with the STA config on 1,000 test images. Measured: top-1 at T = 8
-    88.6 % in three runs (identical: calibration and data are seeded); the tolerance allows 3 images."""
+    88.3 % in three runs (identical: calibration and data are seeded; ANN 88.4 %); the tolerance allows
+    3 images (other BLAS builds round differently near burst boundaries)."""
     out = tmp_path / "sta"
     cmd = [sys.executable, str(ROOT / "convert.py"), "test", "--config", str(ROOT / "configs/convert/fmnist_vit_sta.yaml"),
            "--data.limit", "1000", "--report.out_dir", str(out), "--model.checkpoint",
@@ -191,6 +192,6 @@ def test_convert_command_on_fashion_mnist(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     f = json.loads((out / "figures.json").read_text())["figures"]
     assert f["samples"] == 1000
-    assert abs(f["snn/T8/top1_t8"] - 0.886) <= 0.003
+    assert abs(f["snn/T8/top1_t8"] - 0.883) <= 0.003
     assert f["snn/T8/top1_t1"] == f["snn/T8/top1_t8"]
     assert f["snn/T8/agreement"] >= 0.97
