@@ -272,8 +272,9 @@ class CountedAffine(nn.Module):
     change does no work.
     """
 
-    #: seen by the spike-driven check (csdlab.snn.checks) like the Linear / Conv2d it wraps: STA's
-    #: bursts (count x threshold) are not binary, so these layers are reported with analog inputs
+    #: a synaptic site of the spike-driven check (csdlab.eval.checks), like the Linear / Conv2d it
+    #: wraps. The encoders are not declared spike sources (their alphabet, count x per-channel
+    #: threshold with no bound on the count, is not a finite alphabet), so bursts read as analog
     synaptic_product = True
 
     def __init__(self, layer: nn.Module, source: EncoderSite | None) -> None:
@@ -324,7 +325,10 @@ class CountedAttention(nn.Module):
     ``q k^T`` and ``attn v`` (``2 N^2 D``) and of the output projection (``N D^2``).
     """
 
-    synaptic_product = True  # its attention products take floating-point q, k, v (spike-driven check)
+    #: a site of the spike-driven check. It sees only the block's input (bursts); the products
+    #: inside act on floating-point accumulated q, k, v, which no hook can observe: were the
+    #: encoders ever declared spike sources, this site would need to report those operands itself
+    synaptic_product = True
 
     def __init__(self, attention: nn.Module, source: EncoderSite | None) -> None:
         super().__init__()

@@ -195,3 +195,18 @@ def test_convert_command_on_fashion_mnist(tmp_path: Path) -> None:
     assert abs(f["snn/T8/top1_t8"] - 0.883) <= 0.003
     assert f["snn/T8/top1_t1"] == f["snn/T8/top1_t8"]
     assert f["snn/T8/agreement"] >= 0.97
+
+
+def test_spike_driven_check_does_not_pass_sta() -> None:
+    """STA's layers read bursts (count x threshold) and its attention products floating-point
+    sums: the check must not certify it; only the patch embedding (the image) is exempt."""
+    from csdlab.eval.checks import spike_driven_check
+
+    model = _vit()
+    _, snn = _converted(model, 4)
+    x = _images(4, 7)
+    report = spike_driven_check(snn, lambda s: s(x), exempt=snn.analog_layers())
+    assert not report.ok
+    exempt = [c.name for c in report.layers if c.exempt]
+    assert exempt == ["net.conv_proj"]
+    assert len(report.violations) == len(report.layers) - 1  # attention, fc1, fc2 per block; head
