@@ -235,7 +235,7 @@ class EncoderSite(nn.Module):
         theta = self.encoder.v_threshold.to(output).clamp(min=torch.finfo(output.dtype).eps)
         shape = [1] * output.dim()
         shape[self.encoder.channel_dim] = theta.numel()
-        return (output / theta.view(shape)).abs().round()
+        return (output / theta.view(shape)).abs_().round_()  # one new tensor, the rest in place
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.encoder(x)
