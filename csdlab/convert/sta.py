@@ -117,7 +117,7 @@ def unsupported_modules(model: nn.Module) -> dict[str, str]:
     if not all(type(b) is Block for b in model.blocks):
         bad["blocks"] = "blocks other than timm Block"
         return bad
-    shapes = set()
+    heads, hidden = set(), set()  # torchvision's ViT has one of each for all blocks
     for i, b in enumerate(model.blocks):
         p = f"blocks.{i}."
         for name in ("ls1", "ls2"):
@@ -132,15 +132,14 @@ def unsupported_modules(model: nn.Module) -> dict[str, str]:
             need(p + "attn", all(isinstance(getattr(a, n, nn.Identity()), nn.Identity)
                                  for n in ("q_norm", "k_norm", "norm")) and getattr(a, "gate", None) is None,
                  "qk-norm, attention norm or gate (not mapped)")
-            shapes.add(("heads", a.num_heads))
+            heads.add(a.num_heads)
         if type(m) is not Mlp or type(m.act) is not nn.GELU or m.act.approximate != "none" \
                 or not isinstance(m.norm, nn.Identity) or not isinstance(m.fc1, nn.Linear):
             bad[p + "mlp"] = f"{type(m).__name__} with {type(getattr(m, 'act', None)).__name__} " \
                              "(needs Mlp with exact GELU, no norm)"
         else:
-            shapes.add(("hidden", m.fc1.out_features))
-    need("blocks", len({s for s in shapes if s[0] == "heads"}) <= 1 and len({s for s in shapes if s[0] == "hidden"}) <= 1,
-         "blocks differ in heads or MLP width")
+            hidden.add(m.fc1.out_features)
+    need("blocks", len(heads) <= 1 and len(hidden) <= 1, "blocks differ in heads or MLP width")
     return bad
 
 

@@ -184,8 +184,8 @@ def test_convert_command_on_fashion_mnist(tmp_path: Path) -> None:
     88.3 % in three runs (identical: calibration and data are seeded; ANN 88.4 %); the tolerance allows
     3 images (other BLAS builds round differently near burst boundaries)."""
     out = tmp_path / "sta"
-    cmd = [sys.executable, str(ROOT / "convert.py"), "test", "--config", str(ROOT / "configs/convert/fmnist_vit_sta.yaml"),
-           "--data.limit", "1000", "--report.out_dir", str(out), "--model.checkpoint",
+    config = str(ROOT / "configs/convert/fmnist_vit_sta.yaml")
+    cmd = [sys.executable, str(ROOT / "convert.py"), "test", "--config", config, "--data.limit", "1000", "--report.out_dir", str(out), "--model.checkpoint",
            str(ROOT / "assets/fmnist_vit_tiny.ckpt")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
@@ -210,3 +210,17 @@ def test_spike_driven_check_does_not_pass_sta() -> None:
     exempt = [c.name for c in report.layers if c.exempt]
     assert exempt == ["net.conv_proj"]
     assert len(report.violations) == len(report.layers) - 1  # attention, fc1, fc2 per block; head
+
+
+def test_calibration_averages_processes() -> None:
+    """Two processes that saw the same batches (an all-reduce that doubles every sum) end with the
+    thresholds of one; the recipe's encoders are all calibrated, with positive thresholds."""
+    model = _vit()
+    batches = [_images(32, 100 + i) for i in range(3)]
+    one, two = STAConverter(T=4), STAConverter(T=4)
+    summary = one.calibrate(model, batches, lambda t: t)
+    two.calibrate(model, batches, lambda t: 2 * t)
+    assert summary["batches"] == 3 and summary["encoders"] == len(one.thresholds) == 9
+    for name, t in one.thresholds.items():
+        assert bool((t > 0).all())
+        assert torch.allclose(two.thresholds[name], t, rtol=1e-6, atol=0)
