@@ -227,7 +227,7 @@ class EncoderSite(nn.Module):
         self.encoder, self.rule = encoder, rule
         for name in ("events", "spikes", "neuron_steps", "max_count"):
             self.register_buffer(name, torch.zeros((), dtype=torch.float64), persistent=False)
-        self._last: tuple[Tensor, Tensor] | None = None
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # events, spikes, largest burst
 
     def counts(self, output: Tensor) -> Tensor:
         """|spike count| per neuron and step of an output of this encoder."""
@@ -241,17 +241,24 @@ class EncoderSite(nn.Module):
         with torch.no_grad():
             c = self.counts(out)
             events, spikes = torch.count_nonzero(c).to(torch.float64), c.sum(dtype=torch.float64)
+            largest = c.max().to(torch.float64) if c.numel() else torch.zeros((), dtype=torch.float64)
             self.events += events
             self.spikes += spikes
             self.neuron_steps += out.numel()
-            self.max_count.copy_(torch.maximum(self.max_count, c.max().to(torch.float64)))
-            self._last = (events, spikes)
+            self.max_count.copy_(torch.maximum(self.max_count, largest))
+            self._last = (events, spikes, largest)
         return out
 
     def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, int]:
         """Events of the call just run (the firing counter's hook), by this site's rule."""
-        events, spikes = self._last if self._last is not None else (torch.zeros(()), torch.zeros(()))
+        events, spikes, _ = self._last if self._last is not None else (torch.zeros(()),) * 3
         return (spikes if self.rule == "spike" else events), output.numel()
+
+    def count_spikes(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, Tensor]:
+        """(spikes, largest burst) of the call just run: the payload hook proposed for the contract
+        (a binary neuron would return its events and 1)."""
+        _, spikes, largest = self._last if self._last is not None else (torch.zeros(()),) * 3
+        return spikes, largest
 
     def clear_counts(self) -> None:
         for b in (self.events, self.spikes, self.neuron_steps, self.max_count):

@@ -224,3 +224,16 @@ def test_calibration_averages_processes() -> None:
     for name, t in one.thresholds.items():
         assert bool((t > 0).all())
         assert torch.allclose(two.thresholds[name], t, rtol=1e-6, atol=0)
+
+
+def test_count_spikes_reports_the_last_call() -> None:
+    model = _vit()
+    _, snn = _converted(model, 8)
+    site = next(iter(snn.sites().values()))
+    seen = []
+    handle = site.register_forward_hook(lambda m, i, o: seen.append(m.count_spikes(i, o)))
+    with torch.no_grad():
+        snn(_images(4, 7))
+    handle.remove()
+    (spikes, largest), = seen
+    assert spikes == site.spikes and largest == site.max_count and largest >= 1
