@@ -1,8 +1,9 @@
 """One converter per method (``Converter`` subclasses, registered in ``csdlab.eval.api.CONVERTERS``
-by name when their module is imported): CSDformer, ECMT, MBE."""
+by name when their module is imported): CSDformer, ECMT, MBE, and SpikingJelly's STA recipe."""
 
 from csdlab.convert.csdformer import CSDformerConverter
 from csdlab.convert.ecmt import ECMTConverter
 from csdlab.convert.mbe import MBEConverter
+from csdlab.convert.sta import STAConverter
 
-__all__ = ["CSDformerConverter", "ECMTConverter", "MBEConverter"]
+__all__ = ["CSDformerConverter", "ECMTConverter", "MBEConverter", "STAConverter"]

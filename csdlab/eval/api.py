@@ -119,6 +119,13 @@ class Converter(ABC):
     accepts: str = "vit"
     #: whether :meth:`calibrate` must run on training images before :meth:`convert`
     needs_calibration: bool = False
+    #: whether its SNNs are fully spike-driven (every synaptic operand binary, a graded spike of a
+    #: finite alphabet or a spike-train readout); the contract test holds the spike-driven check's
+    #: verdict to this claim
+    spike_driven: bool = True
+    #: whether calibrating on N processes (sums through ``all_reduce``) gives the constants of one
+    #: process calibrating on all the images; every process must end with the same constants either way
+    calibration_is_exact_across_processes: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
