@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _timing import add_common_args, interleaved, medians, print_ratio, setup  # noqa: E402
 
 from csdlab.convert.sta import STAConverter  # noqa: E402
-from csdlab.energy import E_AC_PJ, E_MAC_PJ, OpCounter, ann_macs  # noqa: E402
+from csdlab.eval.counters import OpCounter, ann_macs, energy_ratio  # noqa: E402
 from csdlab.eval.data import ConversionData  # noqa: E402
 from csdlab.eval.load import load_reference  # noqa: E402
 
@@ -86,7 +86,7 @@ def main() -> None:
         agree = 0
         ops = {}
         for rule, s in (("event", snn), ("spike", snn_spike)):
-            counter = OpCounter(s, s.analog_layers(), steps=T, time_flattened=True)
+            counter = OpCounter(s, s.analog_layers(), steps=T, time_flattened=True, uncounted=s.uncounted_modules())
             with torch.no_grad(), counter:
                 for (x, y), a in zip(test, ann_logits):
                     out = s(x)
@@ -95,13 +95,13 @@ def main() -> None:
                         agree += int((out[-1].argmax(-1) == a.argmax(-1)).sum())
             macs, acs = counter.per_step.sum(1).tolist()
             ops[rule] = {"macs": macs / args.limit, "acs": acs / args.limit,
-                         "energy_ratio": (macs * E_MAC_PJ + acs * E_AC_PJ) / (per_image_macs * args.limit * E_MAC_PJ)}
+                         "energy_ratio": energy_ratio(macs, acs, per_image_macs * args.limit)}
         payload = snn.payload()
         x0 = test[0][0]
         seq = x0.new_zeros(T, *x0.shape)
         seq[0] = x0
         sj = {k: v / len(x0) for k, v in spikingjelly_counts(snn.net, seq).items()}
-        sj["energy_ratio"] = (sj["macs"] * E_MAC_PJ + sj["acs"] * E_AC_PJ) / (per_image_macs * E_MAC_PJ)
+        sj["energy_ratio"] = energy_ratio(sj["macs"], sj["acs"], per_image_macs)
         with torch.no_grad():
             times = medians(interleaved({"ann": lambda: model(x0), "snn": lambda: snn(x0)}, args.repeats, device,
                                         args.warmup))

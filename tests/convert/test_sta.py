@@ -16,8 +16,8 @@ from torch import nn
 
 from csdlab.convert.sta import (PORT_TOLERANCE, CountedAffine, CountedAttention, STAConverter, check_port,
                                 to_torchvision, unsupported_modules)
-from csdlab.energy import OpCounter
-from csdlab.eval.metrics import ConversionMetrics, FiringCounter
+from csdlab.eval.counters import FiringCounter, OpCounter
+from csdlab.eval.metrics import ConversionMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,7 +139,8 @@ def test_op_counts_follow_the_rules() -> None:
     acs = {}
     for rule in ("event", "spike"):
         _, snn = _converted(model, 8, count=rule)
-        with torch.no_grad(), OpCounter(snn, snn.analog_layers(), steps=8, time_flattened=True) as ops:
+        with torch.no_grad(), OpCounter(snn, snn.analog_layers(), steps=8, time_flattened=True,
+                                        uncounted=snn.uncounted_modules()) as ops:
             snn(x)
         payload = snn.payload()["sites"]
         key = "spikes" if rule == "spike" else "events"
