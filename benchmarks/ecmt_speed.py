@@ -45,7 +45,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from csdlab.convert.ecmt import ECMTConverter, SpikingViT
+from csdlab.convert.ecmt import ECMTConverter
+from csdlab.convert.ecmt_vit import SpikingViT
 from csdlab.energy import OpCounter
 from csdlab.eval.metrics import FiringCounter
 

@@ -88,7 +88,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="GELU"):
         convert_vit_mbe(model, 8)
     conv = timm.create_model("resnet10t", num_classes=3)
-    with pytest.raises(ValueError, match=r"unknown modules: .*BatchNorm2d"):
+    with pytest.raises(ValueError, match=r"ResNet is another architecture; modules it cannot convert: .*BatchNorm2d"):
         convert_vit_mbe(conv, 8)
     model = small_vit()
     model.blocks[0].ls1 = nn.Tanh()
