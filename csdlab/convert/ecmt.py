@@ -52,17 +52,11 @@ def _convert_(net: nn.Module, levels: int, spiking: bool) -> list[str]:
     for m in net.modules():  # every LayerNorm class present (torch's, timm's, subclasses)
         if isinstance(m, nn.LayerNorm):
             rules.setdefault(type(m), ECFunction)
-    swapped = []
-    for name, child in list(net.named_children()):
-        if name == "patch_embed":
-            net.patch_embed = AnalogEmbed(child)  # not descended into: analog, no EC needed
-            swapped.append(name)
-        elif type(child) in rules:
-            setattr(net, name, rules[type(child)](child))
-            swapped.append(name)
-        else:
-            swapped += swap_modules(child, rules, f"{name}.")
-    return swapped
+    # the patch embedding is analog: wrapped whole and kept (not descended into: its norm, if any,
+    # stays a plain function of the constant image)
+    net.patch_embed = AnalogEmbed(net.patch_embed)
+    rules[AnalogEmbed] = lambda m: m
+    return swap_modules(net, rules)
 
 
 def convert_vit(model: nn.Module, levels: int = 8, spiking: bool = True) -> nn.Module:

@@ -5,8 +5,8 @@ import timm
 import torch
 from torch import nn
 
-from csdlab.convert.mbe import (GROUPS, MBEConverter, MBESpikingModel, calibrate_ranges, convert_vit_mbe,
-                                identity_sites, mbe_sites)
+from csdlab.convert.mbe import GROUPS, MBEConverter, calibrate_ranges, convert_vit_mbe, identity_sites
+from csdlab.convert.mbe_vit import MBESpikingModel, mbe_sites
 from csdlab.eval.api import Converter, SpikingModel
 from csdlab.snn.mbe import MBENeuron
 from csdlab.snn.mbe_ops import MBELayerNorm, MBELinear, MBEProduct, MBESoftmax

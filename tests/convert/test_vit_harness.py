@@ -50,6 +50,14 @@ def test_non_finite_pixel_is_refused(method: str, bad: float) -> None:
         snn(x[0])
 
 
+@pytest.mark.parametrize("method", CONVERTERS)
+def test_non_finite_calibration_batch_is_refused(method: str) -> None:
+    x = _images(4)
+    x[2, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        CONVERTERS[method]().calibrate(_tiny(), [_images(4), x], lambda t: t)
+
+
 def test_non_finite_pixel_is_refused_single_step() -> None:
     ann = _tiny()
     conv = ECMTConverter(T=2, multi_step=False)
@@ -120,8 +128,11 @@ def test_check_copies_no_weights(method: str) -> None:
     ann = _tiny()
     meta = skeleton(ann)
     assert all(p.is_meta for p in meta.parameters()) and not any(p.is_meta for p in ann.parameters())
-    CONVERTERS[method]().check(ann)  # converts the skeleton: the real model is left alone
-    assert all(p.device.type == "cpu" for p in ann.parameters())
+    before = {k: v.clone() for k, v in ann.state_dict().items()}
+    CONVERTERS[method]().check(meta)  # the conversion runs on a model without data
+    CONVERTERS[method]().check(ann)  # (on a skeleton of it): the real model is left alone
+    assert all(torch.equal(before[k], v) for k, v in ann.state_dict().items())
+    assert type(ann.blocks[0].attn) is Attention
 
 
 def test_calibration_loop_hooks_every_site_and_removes_its_hooks() -> None:
