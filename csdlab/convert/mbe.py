@@ -32,7 +32,7 @@ from csdlab.convert.passes import swap_modules
 from csdlab.convert.vit import all_reduce_with_count, check_images, observe_sites, rewrite_vit, skeleton
 from csdlab.eval.api import AllReduce, Converter, SpikingModel
 from csdlab.snn.mbe import FIT_COMMAND, MBENeuron, load_codes
-from csdlab.snn.mbe_ops import MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
+from csdlab.snn.mbe_ops import ANDProduct, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
 
 __all__ = ["MBEConverter", "convert_vit_mbe", "identity_sites", "set_ranges", "calibrate_ranges", "GROUPS"]
 
@@ -43,8 +43,8 @@ GROUPS = ("gelu", "softmax", "layernorm", "products", "linear_inputs")
 
 # MBE's modules allowed to remain after the swap (besides the ViT's own linear / container ones);
 # the patch embedding is analog and computed as in the ANN (as a whole)
-_KNOWN = (PatchEmbed, MBEAttention, MBEMlp, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax, MBENeuron, nn.Softmax,
-          nn.GELU)
+_KNOWN = (PatchEmbed, MBEAttention, MBEMlp, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax, ANDProduct, MBENeuron,
+          nn.Softmax, nn.GELU)
 _OPAQUE = (PatchEmbed,)
 
 
