@@ -45,7 +45,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from csdlab.convert.ecmt import ECMTConverter, SpikingViT
+from csdlab.convert.ecmt import ECMTConverter
+from csdlab.convert.ecmt_vit import SpikingViT
 from csdlab.eval.counters import SimulationCounters
 
 from _timing import LiveTensorPeak  # noqa: E402  (benchmarks/ is on sys.path when run as a script)

@@ -53,7 +53,8 @@ def primitive_errors(T: int, bases: int = 8, gelu_bases: int = 4, images: int = 
     fitted version compared with the exact function there. Identity sites: MSE divided by the
     site's range squared (the unit range the code is fitted on), averaged over sites.
     """
-    from csdlab.convert.mbe import calibrate_ranges, convert_vit_mbe, mbe_sites
+    from csdlab.convert.mbe import calibrate_ranges, convert_vit_mbe
+    from csdlab.convert.mbe_vit import mbe_sites
     from csdlab.snn.mbe import PRIMITIVES, MBENeuron
 
     model, _ = load_classifier(ASSET)

@@ -14,7 +14,8 @@ from torch import nn
 import csdlab.convert.csdformer as csdformer_module
 import csdlab.models  # noqa: F401  (registers csdformer_*)
 from csdlab.convert.csdformer import convert_csdformer
-from csdlab.convert.ecmt import ECMTConverter, _topk_pair, percentile_pair
+from csdlab.convert.ecmt import ECMTConverter
+from csdlab.convert.percentile import _topk_pair, percentile_pair
 from csdlab.convert.mbe import MBEConverter
 from csdlab.eval.api import SpikingModel
 from csdlab.eval.counters import SimulationCounters

@@ -12,7 +12,8 @@
 
 The SNN runs the model's own forward code on a time-flattened batch ``[T*B, ...]``: convs,
 reshapes, residual adds, GAP and head are the same per step, and only the neurons and TDEC
-operators (wrapped in :class:`TimeFlattened`) see the time axis ``[T, B, ...]``.
+operators (wrapped in :class:`~csdlab.snn.timeflat.TimeFlattened`) see the time axis
+``[T, B, ...]``.
 """
 
 from __future__ import annotations
@@ -35,31 +36,11 @@ from csdlab.models.csdformer import Attention, CSDformer, MatMul, Mlp, Tokenizer
 from csdlab.quant.lsq import ActQuantizer, LSQQuantizer, QCFSQuantizer
 from csdlab.snn.neurons import DelayedIFNode
 from csdlab.snn.tdec import TDECMatMul, TDECMaxPool2d
+from csdlab.snn.timeflat import TimeFlattened, repeat_steps, unflatten_steps
 
-__all__ = ["TimeFlattened", "SpikingCSDformer", "CSDformerConverter", "convert_csdformer", "save_snn", "load_snn"]
+__all__ = ["SpikingCSDformer", "CSDformerConverter", "convert_csdformer", "save_snn", "load_snn"]
 
 log = logging.getLogger(__name__)
-
-
-class TimeFlattened(nn.Module):
-    """Runs a multi-step module (``[T, B, ...]``) inside a network that carries ``[T*B, ...]``.
-
-    Args:
-        module: the multi-step module (a neuron or a TDEC operator).
-        time_steps: T, to split the flattened batch.
-    """
-
-    def __init__(self, module: nn.Module, time_steps: int) -> None:
-        super().__init__()
-        self.module = module
-        self.time_steps = time_steps
-
-    def forward(self, *xs: Tensor) -> Tensor:
-        seqs = [x.unflatten(0, (self.time_steps, -1)) for x in xs]  # [T*B, ...] -> [T, B, ...]
-        return self.module(*seqs).flatten(0, 1)
-
-    def extra_repr(self) -> str:
-        return f"time_steps={self.time_steps}"
 
 
 class SpikingCSDformer(SpikingModel):
@@ -121,8 +102,8 @@ class SpikingCSDformer(SpikingModel):
         check_finite(images, "image batch")
         functional.reset_net(self.model)  # every call is a fresh sequence
         T = self.time_steps
-        x = images.unsqueeze(0).expand(T, *images.shape).flatten(0, 1)  # [T*B, C, H, W]
-        slots = self.model(x).unflatten(0, (T, -1))  # [T, B, K]: head output per output slot
+        x = repeat_steps(images, T)  # [T*B, C, H, W]
+        slots = unflatten_steps(self.model(x), T)  # [T, B, K]: head output per output slot
         t = torch.arange(1, T + 1, dtype=slots.dtype, device=slots.device).view(T, 1, 1)
         return slots.cumsum(0) / t
 

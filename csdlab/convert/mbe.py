@@ -1,140 +1,52 @@
 """MBE conversion of a timm ``VisionTransformer``, training-free (docs/methods.md §4).
 
-:func:`convert_vit_mbe` deep-copies the model and swaps modules, reusing the ANN's own ``Linear``
-layers and LayerNorm parameters (weights untouched):
+:class:`MBEConverter` is the method's :class:`~csdlab.eval.api.Converter`: it checks the model,
+calibrates the identity neurons' ranges (:func:`calibrate_ranges`, float model, training images)
+and builds one :class:`~csdlab.convert.mbe_vit.MBESpikingModel` per ``T``.
 
-* every ``LayerNorm`` (``norm1``, ``norm2``, the final ``norm``, ``qk``/``fc`` norms) ->
-  :class:`~csdlab.snn.mbe_ops.MBELayerNorm` (switch ``layernorm``);
-* ``Attention`` -> :class:`MBEAttention`: identity neuron before ``qkv`` and ``proj``
-  (``linear_inputs``), ``q k^T`` and ``attn v`` as spiking products of identity-coded operands
-  (``products``), :class:`~csdlab.snn.mbe_ops.MBESoftmax` (``softmax``);
-* ``Mlp`` -> :class:`MBEMlp`: identity neuron before ``fc1`` (``linear_inputs``), the GELU neuron
-  (``gelu``), whose spikes drive ``fc2``;
-* patch embedding, class token, position embedding, residual adds and the head stay as in the ANN
-  (the head reads the analog output of the final norm).
-
-One presentation runs all ``T`` steps of every neuron (value presented once); the readout is the
-logits after ``T`` (``readout_steps = [T]``). Identity neurons get the range of their site from
-:func:`calibrate_ranges` (float model, training images). :class:`MBEConverter` is the method's
-:class:`~csdlab.eval.api.Converter`.
+:func:`convert_vit_mbe` deep-copies the model (through the ViT harness, :mod:`csdlab.convert.vit`)
+and swaps modules, reusing the ANN's own ``Linear`` layers and LayerNorm parameters (weights
+untouched): every ``LayerNorm`` (``norm1``, ``norm2``, the final ``norm``, ``qk``/``fc`` norms)
+becomes an :class:`~csdlab.snn.mbe_ops.MBELayerNorm` (switch ``layernorm``), ``Attention`` and
+``Mlp`` the blocks of :mod:`csdlab.convert.mbe_vit`. Patch embedding, class token, position
+embedding, residual adds and the head stay as in the ANN (the head reads the analog output of the
+final norm).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from spikingjelly.activation_based import functional
-from timm.layers import DropPath, LayerScale, PatchEmbed
+from timm.layers import PatchEmbed
 from timm.layers.attention import Attention
 from timm.layers.mlp import Mlp
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from csdlab.convert.passes import describe_modules, swap_modules, unknown_modules
+from csdlab.convert.mbe_vit import MBEAttention, MBEMlp, MBESpikingModel, NeuronFactory, mbe_sites
+from csdlab.convert.passes import swap_modules
+from csdlab.convert.vit import all_reduce_with_count, check_images, observe_sites, rewrite_vit, skeleton
 from csdlab.eval.api import AllReduce, Converter, SpikingModel
 from csdlab.snn.counting import bincount_below
-from csdlab.snn.mbe import FIT_COMMAND, MBECode, MBENeuron, load_codes
+from csdlab.snn.mbe import FIT_COMMAND, MBENeuron, load_codes
 from csdlab.snn.mbe_ops import ANDProduct, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
 
-__all__ = ["MBEAttention", "MBEMlp", "MBESpikingModel", "MBEConverter", "convert_vit_mbe", "mbe_sites",
-           "identity_sites", "set_ranges", "calibrate_ranges", "GROUPS"]
+__all__ = ["MBEConverter", "convert_vit_mbe", "identity_sites", "set_ranges", "calibrate_ranges", "GROUPS"]
 
 log = logging.getLogger(__name__)
 
 GROUPS = ("gelu", "softmax", "layernorm", "products", "linear_inputs")
 
 
-class _Factory:
-    """Builds the neurons of one network: one shared code per primitive (tables built once)."""
-
-    def __init__(self, codes: dict[str, MBECode], gelu_code: MBECode, fast: bool, exact: bool) -> None:
-        self.codes, self.gelu_code, self.fast, self.exact = codes, gelu_code, fast, exact
-
-    def neuron(self, primitive: str) -> MBENeuron:
-        code = self.gelu_code if primitive == "gelu" else self.codes[primitive]
-        return MBENeuron(code, fast=self.fast, exact=self.exact)
-
-
-class MBEAttention(nn.Module):
-    """timm ``Attention`` with MBE neurons (docs/methods.md §4.3); reuses ``qkv`` / ``proj``.
-
-    Args:
-        attn: the timm module (no gate; its ``q_norm`` / ``k_norm`` / ``norm`` are kept, already
-            converted when they are LayerNorms).
-        make: neuron factory.
-        softmax: spiking softmax (else torch's).
-        products: spiking ``q k^T`` and ``attn v`` (else dense products of the exact values).
-        linear_inputs: identity neurons before ``qkv`` and ``proj``.
-    """
-
-    def __init__(self, attn: Attention, make: _Factory, softmax: bool = True, products: bool = True,
-                 linear_inputs: bool = True) -> None:
-        super().__init__()
-        if getattr(attn, "gate", None) is not None:
-            raise ValueError("gated timm Attention (gate=True) is not supported by MBE conversion")
-        self.num_heads, self.head_dim, self.attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
-        self.scale = float(attn.scale)
-        self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
-        self.qkv = MBELinear(attn.qkv, make.neuron("identity")) if linear_inputs else attn.qkv
-        self.proj = MBELinear(attn.proj, make.neuron("identity")) if linear_inputs else attn.proj
-        self.qk = (MBEProduct(make.neuron("identity"), make.neuron("identity"), True, self.scale)
-                   if products else None)
-        self.av = MBEProduct(make.neuron("identity"), make.neuron("identity"), True) if products else None
-        self.softmax = MBESoftmax(make.neuron("exp2"), make.neuron("recip")) if softmax else nn.Softmax(dim=-1)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("MBE attention does not support attention masks or causal attention")
-        B, N, _ = x.shape
-        # [B, N, 3 * H * d] -> [3, B, H, N, d]
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        kt = k.transpose(-2, -1)
-        scores = self.qk(q, kt) if self.qk is not None else (q @ kt) * self.scale  # [B, H, N, N]
-        attn = self.softmax(scores)
-        out = self.av(attn, v) if self.av is not None else attn @ v  # [B, H, N, d]
-        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
-        return self.proj(out)
-
-
-class MBEMlp(nn.Module):
-    """timm ``Mlp`` with MBE neurons; reuses ``fc1`` / ``fc2``.
-
-    Args:
-        mlp: the timm module (activation ``nn.GELU``).
-        make: neuron factory.
-        gelu: the GELU neuron (else the exact GELU).
-        linear_inputs: identity neuron before ``fc1`` (and before ``fc2`` when its input is not the
-            GELU neuron's spikes).
-    """
-
-    def __init__(self, mlp: Mlp, make: _Factory, gelu: bool = True, linear_inputs: bool = True) -> None:
-        super().__init__()
-        if not isinstance(mlp.act, nn.GELU) or getattr(mlp.act, "approximate", "none") != "none":
-            raise ValueError(f"MBE converts Mlp blocks with nn.GELU(approximate='none'), got {mlp.act}")
-        self.fc1 = MBELinear(mlp.fc1, make.neuron("identity")) if linear_inputs else mlp.fc1
-        self.norm = mlp.norm
-        direct = gelu and isinstance(mlp.norm, nn.Identity)  # the GELU spikes drive fc2 themselves
-        self.act = nn.Identity() if direct else (make.neuron("gelu") if gelu else mlp.act)
-        if direct:
-            self.fc2 = MBELinear(mlp.fc2, make.neuron("gelu"))
-        else:
-            self.fc2 = MBELinear(mlp.fc2, make.neuron("identity")) if linear_inputs else mlp.fc2
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.norm(self.act(self.fc1(x))))
-
-
-# modules allowed to remain after the swap: linear, constant over time, or converted
-_KNOWN = (VisionTransformer, Block, nn.Sequential, PatchEmbed, nn.Linear, nn.Conv2d, nn.Identity, nn.Dropout,
-          DropPath, LayerScale, MBEAttention, MBEMlp, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax, ANDProduct,
-          MBENeuron, nn.Softmax, nn.GELU)
+# MBE's modules allowed to remain after the swap (besides the ViT's own linear / container ones);
+# the patch embedding is analog and computed as in the ANN (as a whole)
+_KNOWN = (PatchEmbed, MBEAttention, MBEMlp, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax, ANDProduct, MBENeuron,
+          nn.Softmax, nn.GELU)
+_OPAQUE = (PatchEmbed,)
 
 
 def _check_int(name: str, value: Any) -> int:
@@ -150,7 +62,8 @@ def convert_vit_mbe(model: nn.Module, T: int, N: int = 8, gelu_bases: int = 4,
     """MBE SNN of a timm ``VisionTransformer`` (a converted deep copy; ``model`` is untouched).
 
     Args:
-        model: a ``VisionTransformer`` (ViT / DeiT, any size, class token or average pooling).
+        model: a ``VisionTransformer`` (ViT / DeiT, any size, class token or average pooling,
+            distilled DeiT).
         T: time steps of every neuron (a fitted table must exist).
         N: bases of the identity, ``exp2``, ``recip`` and ``rsqrt`` neurons.
         gelu_bases: bases of the GELU neuron.
@@ -167,42 +80,35 @@ def convert_vit_mbe(model: nn.Module, T: int, N: int = 8, gelu_bases: int = 4,
 
     Raises:
         ValueError: bad ``T`` / ``N``; no fitted table for ``(T, N)`` (names the command that fits
-            it); a model that is not a ViT or holds modules MBE cannot convert (listed by name and type).
+            it); another architecture (named, with the modules a ViT converter cannot convert), or
+            modules MBE cannot convert inside a ViT (listed by name and type).
     """
     _check_int("T", T)
     _check_int("N (bases)", N)
     _check_int("gelu_bases", gelu_bases)
     codes = load_codes(T, N, table_dir)
     gelu_code = load_codes(T, gelu_bases, table_dir)["gelu"]
-    if isinstance(model, VisionTransformer) and getattr(model, "attn_pool", None) is not None:
-        raise ValueError("cannot MBE-convert a VisionTransformer with attention pooling (attn_pool)")
-    make = _Factory(codes, gelu_code, fast, exact)
-    snn = copy.deepcopy(model).eval()
-    swapped: list[str] = []
-    if layernorm:  # first, so the norms inside attention / MLP are converted too
-        ln_types = {type(m) for m in snn.modules() if isinstance(m, nn.LayerNorm)}
-        swapped += swap_modules(snn, {t: lambda m: MBELayerNorm(m, make.neuron("identity"), make.neuron("rsqrt"))
-                                      for t in ln_types})
-    swapped += swap_modules(snn, {
-        Attention: lambda m: MBEAttention(m, make, softmax, products, linear_inputs),
-        Mlp: lambda m: MBEMlp(m, make, gelu, linear_inputs),
-    })
-    known = _KNOWN if layernorm else _KNOWN + tuple({type(m) for m in snn.modules() if isinstance(m, nn.LayerNorm)})
-    unknown = unknown_modules(snn, known)
-    if unknown or not isinstance(model, VisionTransformer):
-        raise ValueError(f"cannot MBE-convert {type(model).__name__}: MBE converts timm VisionTransformer models "
-                         f"(Block, Attention, Mlp with GELU, LayerNorm); unknown modules: {describe_modules(unknown)}")
+    make = NeuronFactory(codes, gelu_code, fast, exact)
+
+    def swap(net: nn.Module) -> list[str]:
+        swapped: list[str] = []
+        if layernorm:  # first, so the norms inside attention / MLP are converted too
+            ln_types = {type(m) for m in net.modules() if isinstance(m, nn.LayerNorm)}
+            swapped += swap_modules(net, {t: lambda m: MBELayerNorm(m, make.neuron("identity"), make.neuron("rsqrt"))
+                                          for t in ln_types})
+        return swapped + swap_modules(net, {
+            Attention: lambda m: MBEAttention(m, make, softmax, products, linear_inputs),
+            Mlp: lambda m: MBEMlp(m, make, gelu, linear_inputs),
+        })
+
+    # without the spiking LayerNorm, the ANN's norms stay (evaluated exactly)
+    known = _KNOWN if layernorm else _KNOWN + tuple({type(m) for m in model.modules() if isinstance(m, nn.LayerNorm)})
+    snn, swapped = rewrite_vit(model, "MBE", swap, known, _OPAQUE)
     if ranges is not None:
         set_ranges(snn, ranges)
-    functional.invalidate_reset_cache(snn)  # SpikingJelly caches the resettable modules
     log.info("MBE: T=%d N=%d (GELU %d), swapped %d modules, %d neuron sites", T, N, gelu_bases, len(swapped),
              len(mbe_sites(snn)))
     return snn
-
-
-def mbe_sites(snn: nn.Module) -> dict[str, MBENeuron]:
-    """The MBE neurons of ``snn`` by qualified name (module order)."""
-    return {name: m for name, m in snn.named_modules() if isinstance(m, MBENeuron)}
 
 
 def identity_sites(snn: nn.Module) -> dict[str, MBENeuron]:
@@ -260,37 +166,23 @@ def calibrate_ranges(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, 
     hist = torch.zeros(len(names), len(edges) + 1, dtype=torch.float64, device=next(snn.parameters()).device)
     device_edges: dict[tuple[str, torch.dtype], Tensor] = {}
 
-    def hook(i: int) -> Callable[..., None]:
-        def fn(mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            x = inputs[0].detach().abs()
-            key = (str(x.device), x.dtype)
-            if key not in device_edges:
-                device_edges[key] = edges.to(device=x.device, dtype=x.dtype)
-            idx = torch.bucketize(x.flatten(), device_edges[key])  # edges[i-1] < |x| <= edges[i]
-            hist[i] += bincount_below(idx, len(edges) + 1).to(hist)
+    def histogram(x: Tensor) -> Tensor:
+        x = x.detach().abs()
+        key = (str(x.device), x.dtype)
+        if key not in device_edges:
+            device_edges[key] = edges.to(device=x.device, dtype=x.dtype)
+        idx = torch.bucketize(x.flatten(), device_edges[key])  # edges[i-1] < |x| <= edges[i]
+        return bincount_below(idx, len(edges) + 1)
 
-        return fn
+    def run(x: Tensor) -> None:
+        check_images(x)  # a NaN would land in the top bin and set the range silently
+        functional.reset_net(snn)
+        snn(x)
 
-    handles = [sites[n].register_forward_hook(hook(i)) for i, n in enumerate(names)]
-    seen = images = 0
-    try:
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = x.to(next(snn.parameters()).device)
-            functional.reset_net(snn)
-            snn(x)
-            seen += 1
-            images += len(x)
-    finally:
-        for h in handles:
-            h.remove()
-    dev = next(model.parameters()).device
+    seen, images = observe_sites(run, [sites[n] for n in names], histogram, hist, batches,
+                                 next(snn.parameters()).device)
     # one all-reduce: the histograms and the number of images seen, summed over processes
-    packed = torch.cat([hist.flatten(), torch.full((1,), float(images), dtype=torch.float64, device=hist.device)])
-    packed = all_reduce(packed.to(dev)).cpu()
-    hist = packed[:-1].view_as(hist)
-    if float(packed[-1]) == 0:
-        raise ValueError("MBE calibration saw no images (empty calibration loader on every process)")
+    hist, _ = all_reduce_with_count(hist, images, all_reduce, next(model.parameters()).device, "MBE")
     if not names:
         return {}
     cum = hist.cumsum(1)
@@ -300,42 +192,6 @@ def calibrate_ranges(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, 
     log.info("MBE calibration: %d batches on this process, %d identity sites, ranges %.3g .. %.3g", seen,
              len(ranges), min(ranges.values()), max(ranges.values()))
     return ranges
-
-
-class MBESpikingModel(SpikingModel):
-    """A converted ViT with readout after the ``T`` steps of its neurons (``readout_steps = [T]``).
-
-    Args:
-        snn: the network from :func:`convert_vit_mbe`.
-        T: time steps per neuron.
-    """
-
-    def __init__(self, snn: nn.Module, T: int) -> None:
-        super().__init__()
-        self.snn = snn
-        self.time_steps = T
-        self.readout_steps = [T]
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        functional.reset_net(self.snn)
-        return self.snn(images).unsqueeze(0)  # [1, B, classes]
-
-    def sites(self) -> dict[str, nn.Module]:
-        return dict(mbe_sites(self.snn))
-
-    def analog_layers(self) -> list[nn.Module]:
-        """Patch-embedding conv and head (they see analog values: MACs)."""
-        layers = [m for m in self.snn.patch_embed.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        return layers + [m for m in self.snn.head.modules() if isinstance(m, nn.Linear)]
-
-    def uncounted_modules(self) -> dict[nn.Module, str]:
-        return {self.snn: "class token and position embedding: additions (not counted on either side)"}
-
-    def time_flattened(self) -> bool:
-        # each layer runs once per image batch and that call covers all T steps of its neurons;
-        # the counts of count_events / count_ops are totals over the T steps
-        return False
 
 
 class MBEConverter(Converter):
@@ -378,8 +234,9 @@ class MBEConverter(Converter):
             load_codes(T, self.gelu_bases, table_dir)
 
     def check(self, model: nn.Module) -> None:
-        convert_vit_mbe(model, self.Ts[0], self.bases, self.gelu_bases, exact=True, table_dir=self.table_dir,
-                        **self.switches)
+        # the conversion itself, on a copy without data
+        convert_vit_mbe(skeleton(model), self.Ts[0], self.bases, self.gelu_bases, exact=True,
+                        table_dir=self.table_dir, **self.switches)
 
     def calibrate(self, model: nn.Module, batches: Iterable[Tensor], all_reduce: AllReduce) -> dict[str, Any]:
         self.ranges = calibrate_ranges(model, batches, all_reduce, self.range_percentile, self.Ts[0], self.bases,

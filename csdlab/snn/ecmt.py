@@ -9,9 +9,9 @@ Two step modes, giving the same numbers:
 * single-step (``step_mode="s"``): one call per time step on ``[B, ...]`` (streaming input);
 * multi-step (``step_mode="m"``): one call for ``T`` steps on ``[T, B, ...]``, or on the
   time-flattened ``[T*B, ...]`` that the Linear layers around them see when ``flat_steps = T``
-  (:class:`TimeFlatModule`). The running sums are ``T`` additions, then F (or the product) runs
-  once on all ``T`` running means. States carry over between calls, so a long simulation can be
-  run in chunks of steps.
+  (:class:`~csdlab.snn.timeflat.TimeFlatModule`). The running sums are ``T`` additions, then F
+  (or the product) runs once on all ``T`` running means. States carry over between calls, so a
+  long simulation can be run in chunks of steps.
 
 Energy (docs/methods.md §3): the matrix-product EC counts itself (:meth:`ECMatMul.count_ops`). The
 general EC defines no count: the ANN side (a FLOP counter of matmuls and convolutions) does not
@@ -23,45 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from spikingjelly.activation_based import base
 from torch import Tensor, nn
 
 from csdlab.snn.counting import nonzero_per_row
 from csdlab.snn.tdec import cumsum_steps
+from csdlab.snn.timeflat import TimeFlatModule
 
-__all__ = ["TimeFlatModule", "ECFunction", "ECMatMul", "running_sum", "nonzero_per_step"]
-
-
-class TimeFlatModule(base.MemoryModule):
-    """A ``MemoryModule`` whose multi-step input may arrive time-flattened.
-
-    In multi-step mode with ``flat_steps = T`` set, every input is ``[T*B, ...]`` (step-major, as
-    the Linear layers of a layer-by-layer simulation see it); it is viewed as ``[T, B, ...]`` for
-    :meth:`multi_step_functional_forward` and the output is flattened back. With
-    ``flat_steps = None`` multi-step inputs are SpikingJelly's ``[T, B, ...]``.
-
-    ``keep_state = False`` (set by a simulator that runs all T steps in one call and resets
-    afterwards) drops the states after a multi-step call instead of copying them out of the
-    ``[T, ...]`` tensors; a further call before a reset then raises.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flat_steps: int | None = None
-        self.keep_state = True
-
-    def multi_step_forward(self, *inputs: Tensor, **kwargs: Any) -> Tensor:
-        steps = self.flat_steps
-        if steps is None:
-            return super().multi_step_forward(*inputs, **kwargs)
-        seqs = tuple(x.unflatten(0, (steps, -1)) for x in inputs)  # [T*B, ...] -> [T, B, ...]
-        return super().multi_step_forward(*seqs, **kwargs).flatten(0, 1)
-
-    def steps_per_call(self, x: Tensor) -> int:
-        """Time steps held by the input ``x`` of the last call (1 in single-step mode)."""
-        if self.step_mode == "s":
-            return 1
-        return self.flat_steps if self.flat_steps is not None else x.shape[0]
+__all__ = ["ECFunction", "ECMatMul", "running_sum", "nonzero_per_step"]
 
 
 def running_sum(x: Tensor, start: Tensor | None = None, inplace: bool = False) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from csdlab.compiling import CompiledKernel
 from csdlab.quant.lsq import ActQuantizer
 from csdlab.snn.counting import bincount_below, count_spikes, nonzero_per_row, record_nonzero_rows
-from csdlab.snn.ecmt import TimeFlatModule
+from csdlab.snn.timeflat import TimeFlatModule
 
 __all__ = ["DelayedIFNode", "MTNeuron"]
 

@@ -9,8 +9,9 @@ import pytest
 import timm
 import torch
 
-from csdlab.convert.ecmt import (AnalogEmbed, ECMTConverter, SpikingViT, convert_vit, mt_sites, percentile,
-                                 percentile_pair, site_modules)
+from csdlab.convert.ecmt import ECMTConverter, convert_vit
+from csdlab.convert.ecmt_vit import AnalogEmbed, SpikingViT, mt_sites, site_modules
+from csdlab.convert.percentile import percentile, percentile_pair
 from csdlab.eval.api import SpikingModel
 from csdlab.snn.ecmt import ECMatMul
 

@@ -5,8 +5,8 @@ import timm
 import torch
 from torch import nn
 
-from csdlab.convert.mbe import (GROUPS, MBEConverter, MBESpikingModel, calibrate_ranges, convert_vit_mbe,
-                                identity_sites, mbe_sites)
+from csdlab.convert.mbe import GROUPS, MBEConverter, calibrate_ranges, convert_vit_mbe, identity_sites
+from csdlab.convert.mbe_vit import MBESpikingModel, mbe_sites
 from csdlab.eval.api import Converter, SpikingModel
 from csdlab.snn.mbe import MBENeuron
 from csdlab.snn.mbe_ops import MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
@@ -88,7 +88,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="GELU"):
         convert_vit_mbe(model, 8)
     conv = timm.create_model("resnet10t", num_classes=3)
-    with pytest.raises(ValueError, match=r"unknown modules: .*BatchNorm2d"):
+    with pytest.raises(ValueError, match=r"ResNet is another architecture; modules it cannot convert: .*BatchNorm2d"):
         convert_vit_mbe(conv, 8)
     model = small_vit()
     model.blocks[0].ls1 = nn.Tanh()

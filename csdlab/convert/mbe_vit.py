@@ -1,0 +1,153 @@
+"""The MBE network of a timm ``VisionTransformer`` (docs/methods.md §4.3): its blocks and its model.
+
+The converter (:mod:`csdlab.convert.mbe`) swaps timm's modules for these, reusing the ANN's own
+``Linear`` layers (weights untouched):
+
+* ``Attention`` -> :class:`MBEAttention`: identity neuron before ``qkv`` and ``proj``
+  (``linear_inputs``), ``q k^T`` and ``attn v`` as spiking products of identity-coded operands
+  (``products``), :class:`~csdlab.snn.mbe_ops.MBESoftmax` (``softmax``);
+* ``Mlp`` -> :class:`MBEMlp`: identity neuron before ``fc1`` (``linear_inputs``), the GELU neuron
+  (``gelu``), whose spikes drive ``fc2``.
+
+:class:`MBESpikingModel` runs the converted network: one presentation runs all ``T`` steps of every
+neuron (value presented once), so no tensor carries a time axis; the readout is the logits after
+``T`` (``readout_steps = [T]``).
+"""
+
+from __future__ import annotations
+
+import torch
+from spikingjelly.activation_based import functional
+from timm.layers.attention import Attention
+from timm.layers.mlp import Mlp
+from torch import Tensor, nn
+
+from csdlab.convert.vit import (analog_layers, check_images, merge_heads, refuse_mask, sites_of, split_heads,
+                                uncounted_modules)
+from csdlab.eval.api import SpikingModel
+from csdlab.snn.mbe import MBECode, MBENeuron
+from csdlab.snn.mbe_ops import MBELinear, MBEProduct, MBESoftmax
+
+__all__ = ["NeuronFactory", "MBEAttention", "MBEMlp", "MBESpikingModel", "mbe_sites"]
+
+
+class NeuronFactory:
+    """Builds the neurons of one network: one shared code per primitive (tables built once)."""
+
+    def __init__(self, codes: dict[str, MBECode], gelu_code: MBECode, fast: bool, exact: bool) -> None:
+        self.codes, self.gelu_code, self.fast, self.exact = codes, gelu_code, fast, exact
+
+    def neuron(self, primitive: str) -> MBENeuron:
+        code = self.gelu_code if primitive == "gelu" else self.codes[primitive]
+        return MBENeuron(code, fast=self.fast, exact=self.exact)
+
+
+class MBEAttention(nn.Module):
+    """timm ``Attention`` with MBE neurons (docs/methods.md §4.3); reuses ``qkv`` / ``proj``.
+
+    Args:
+        attn: the timm module (not gated: :func:`~csdlab.convert.vit.check_vit`; its ``q_norm`` /
+            ``k_norm`` / ``norm`` are kept, already converted when they are LayerNorms).
+        make: neuron factory.
+        softmax: spiking softmax (else torch's).
+        products: spiking ``q k^T`` and ``attn v`` (else dense products of the exact values).
+        linear_inputs: identity neurons before ``qkv`` and ``proj``.
+    """
+
+    def __init__(self, attn: Attention, make: NeuronFactory, softmax: bool = True, products: bool = True,
+                 linear_inputs: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.scale = float(attn.scale)
+        self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
+        self.qkv = MBELinear(attn.qkv, make.neuron("identity")) if linear_inputs else attn.qkv
+        self.proj = MBELinear(attn.proj, make.neuron("identity")) if linear_inputs else attn.proj
+        self.qk = (MBEProduct(make.neuron("identity"), make.neuron("identity"), True, self.scale)
+                   if products else None)
+        self.av = MBEProduct(make.neuron("identity"), make.neuron("identity"), True) if products else None
+        self.softmax = MBESoftmax(make.neuron("exp2"), make.neuron("recip")) if softmax else nn.Softmax(dim=-1)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        refuse_mask("MBE", attn_mask, is_causal)
+        q, k, v = split_heads(self.qkv(x), self.num_heads, self.head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        kt = k.transpose(-2, -1)
+        scores = self.qk(q, kt) if self.qk is not None else (q @ kt) * self.scale  # [B, H, N, N]
+        attn = self.softmax(scores)
+        out = self.av(attn, v) if self.av is not None else attn @ v  # [B, H, N, d]
+        return self.proj(self.norm(merge_heads(out)))
+
+
+class MBEMlp(nn.Module):
+    """timm ``Mlp`` with MBE neurons; reuses ``fc1`` / ``fc2``.
+
+    Args:
+        mlp: the timm module (activation ``nn.GELU``).
+        make: neuron factory.
+        gelu: the GELU neuron (else the exact GELU).
+        linear_inputs: identity neuron before ``fc1`` (and before ``fc2`` when its input is not the
+            GELU neuron's spikes).
+    """
+
+    def __init__(self, mlp: Mlp, make: NeuronFactory, gelu: bool = True, linear_inputs: bool = True) -> None:
+        super().__init__()
+        if not isinstance(mlp.act, nn.GELU) or getattr(mlp.act, "approximate", "none") != "none":
+            raise ValueError(f"MBE converts Mlp blocks with nn.GELU(approximate='none'), got {mlp.act}")
+        self.fc1 = MBELinear(mlp.fc1, make.neuron("identity")) if linear_inputs else mlp.fc1
+        self.norm = mlp.norm
+        direct = gelu and isinstance(mlp.norm, nn.Identity)  # the GELU spikes drive fc2 themselves
+        self.act = nn.Identity() if direct else (make.neuron("gelu") if gelu else mlp.act)
+        if direct:
+            self.fc2 = MBELinear(mlp.fc2, make.neuron("gelu"))
+        else:
+            self.fc2 = MBELinear(mlp.fc2, make.neuron("identity")) if linear_inputs else mlp.fc2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+def mbe_sites(snn: nn.Module) -> dict[str, MBENeuron]:
+    """The MBE neurons of ``snn`` by qualified name (module order)."""
+    return sites_of(snn, MBENeuron)
+
+
+class MBESpikingModel(SpikingModel):
+    """A converted ViT with readout after the ``T`` steps of its neurons (``readout_steps = [T]``).
+
+    Args:
+        snn: the network from :func:`csdlab.convert.mbe.convert_vit_mbe`.
+        T: time steps per neuron.
+    """
+
+    def __init__(self, snn: nn.Module, T: int) -> None:
+        super().__init__()
+        self.snn = snn
+        self.time_steps = T
+        self.readout_steps = [T]
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """Reset, run the ``T`` steps of every neuron on ``images [B, C, H, W]``, return the readout
+        ``[1, B, classes]``.
+
+        Raises:
+            ValueError: not ``[B, C, H, W]``, or NaN / inf pixels (:func:`~csdlab.convert.vit.check_images`).
+        """
+        check_images(images)
+        functional.reset_net(self.snn)
+        return self.snn(images).unsqueeze(0)  # [1, B, classes]
+
+    def sites(self) -> dict[str, nn.Module]:
+        return dict(mbe_sites(self.snn))
+
+    def analog_layers(self) -> list[nn.Module]:
+        """Patch-embedding conv and head(s) (they see analog values: MACs)."""
+        return analog_layers(self.snn)
+
+    def uncounted_modules(self) -> dict[nn.Module, str]:
+        return uncounted_modules(self.snn)
+
+    def time_flattened(self) -> bool:
+        # each layer runs once per image batch and that call covers all T steps of its neurons;
+        # the counts of count_events / count_ops are totals over the T steps
+        return False
