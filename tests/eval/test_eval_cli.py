@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from csdlab.eval.cli import make_convert_cli
+from csdlab.cli import make_convert_cli
 from tests.checkpoints import DIGITS_CSDFORMER, REPO, make_checkpoint
 
 CSDFORMER = "csdlab.convert.csdformer.CSDformerConverter"
@@ -87,7 +87,7 @@ def test_nan_images_are_refused(digits_qann: Path) -> None:
 
 RUN = """
 import sys
-from csdlab.eval.cli import make_convert_cli
+from csdlab.cli import make_convert_cli
 make_convert_cli(sys.argv[1:])
 """
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from csdlab.eval.cli import make_convert_cli
+from csdlab.cli import make_convert_cli
 from csdlab.lit.data import DEBIAN_FMNIST
 from tests.checkpoints import REPO
 
