@@ -30,7 +30,7 @@ class Heartbeat:
         self.interval = interval
         self.batch = 0  # the test batch being scored (set by the caller)
         self.batches_total: int | None = None
-        self._last = time.monotonic()
+        self._last = float("-inf")  # the first line always shows
 
     def say(self, msg: str, *args: Any, always: bool = False) -> None:
         now = time.monotonic()

@@ -212,12 +212,12 @@ def spike_driven_line(variant: str, report: Any) -> str:
     alphabet = getattr(report, "alphabet", None) or "binary spikes (0/1)"
     checked = [c for c in report.layers if not c.exempt]
     exempt = len(report.layers) - len(checked)
-    scope = (f"{len(checked)} synaptic layers (conv/linear inputs, activation products), "
-             f"{exempt} exempt (analog image, readout)")
+    layers = f"the {len(checked)} synaptic layers (conv / linear inputs, activation-by-activation products)"
+    exempted = f"exempt by design: {exempt} (the analog image into the first layer, the readout)"
     if report.ok:
-        return f"spike-driven check {variant}: PASS, every input of {scope} was {alphabet}"
+        return f"spike-driven check {variant}: PASS: all inputs of {layers} were {alphabet}; {exempted}"
     bad = report.violations
     unseen = [c.name for c in report.layers if not c.calls]
-    why = f"{len(bad)} received values other than {alphabet}, e.g. {', '.join(bad[:3])}" if bad else \
-        f"{len(unseen)} were never called, e.g. {', '.join(unseen[:3])}"
-    return f"spike-driven check {variant}: FAIL, of {scope}: {why}"
+    why = (f"{len(bad)} received values other than {alphabet}, e.g. {', '.join(bad[:3])}" if bad else
+           f"{len(unseen)} were never called, e.g. {', '.join(unseen[:3])}")
+    return f"spike-driven check {variant}: FAIL: of {layers}, {why}; {exempted}"
