@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from csdlab.eval.plots import format_table, plot_bars, plot_curves, write_json
-from csdlab.snn.checks import spike_driven_check
+from csdlab.eval.checks import spike_driven_check
 
 __all__ = ["summary_table", "steps_table", "write_report", "plot_report", "log_images", "run_folder",
            "ConversionReport"]
@@ -176,9 +176,10 @@ class ConversionReport(Callback):
             with torch.no_grad():
                 report = spike_driven_check(snn, lambda s: s(x), exempt=snn.analog_layers())
             verdicts[v] = {"spike_driven": report.ok, "layers_checked": len(report.layers),
-                           "analog_inputs": report.violations,
-                           "exempt": [c.name for c in report.layers if c.exempt]}
-            log.info("%s", spike_driven_line(v, report))
+                           "analog_inputs": report.violations, "operands": report.operand_kinds(),
+                           "failed_sources": report.failed_sources,
+                           "exempt": [c.name for c in report.layers if c.exempt], "summary": report.summary()}
+            log.info("spike-driven check %s: %s", v, report.summary())
         return verdicts
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -200,24 +201,3 @@ class ConversionReport(Callback):
         log.info("figures: %s", self.written["json"])
         log_images(trainer, self.written["plots"], f"conversion/{results['method']}")
 
-
-def spike_driven_line(variant: str, report: Any) -> str:
-    """The verdict of the spike-driven check in one line: what it certifies and whether it passed.
-
-    The check certifies that every synaptic input (every conv / linear input and both operands of
-    every activation-by-activation product) was a spike train of the alphabet the method declares
-    (``report.alphabet`` where the check names one; binary 0/1 otherwise): a multi-level method
-    passes only if its graded spikes are of its declared levels. Exempt layers (the analog image into
-    the first layer, the head's readout) are listed, not certified."""
-    alphabet = getattr(report, "alphabet", None) or "binary spikes (0/1)"
-    checked = [c for c in report.layers if not c.exempt]
-    exempt = len(report.layers) - len(checked)
-    layers = f"the {len(checked)} synaptic layers (conv / linear inputs, activation-by-activation products)"
-    exempted = f"exempt by design: {exempt} (the analog image into the first layer, the readout)"
-    if report.ok:
-        return f"spike-driven check {variant}: PASS: all inputs of {layers} were {alphabet}; {exempted}"
-    bad = report.violations
-    unseen = [c.name for c in report.layers if not c.calls]
-    why = (f"{len(bad)} received values other than {alphabet}, e.g. {', '.join(bad[:3])}" if bad else
-           f"{len(unseen)} were never called, e.g. {', '.join(unseen[:3])}")
-    return f"spike-driven check {variant}: FAIL: of {layers}, {why}; {exempted}"

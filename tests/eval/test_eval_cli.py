@@ -46,8 +46,7 @@ def test_csdformer_conversion_figures_and_report(digits_qann: Path, tmp_path: Pa
         "accuracy_vs_latency.png", "accuracy_vs_t.png", "energy_vs_t.png", "firing_rate_per_site.png"]
     # the spike-driven line gives its verdict and what it certifies
     lines = [r.getMessage() for r in caplog.records]
-    assert any(re.match(r"spike-driven check D3: PASS: all inputs of the \d+ synaptic layers .* were binary "
-                        r"spikes \(0/1\); exempt by design: 2 ", m) for m in lines)
+    assert any(re.match(r"spike-driven check D3: PASS: \d+ synaptic sites watched", m) for m in lines)
     assert "test batch 1/2: simulating D0" in lines  # then one line per 10 s at most
 
 
