@@ -46,8 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from csdlab.convert.ecmt import ECMTConverter, SpikingViT
-from csdlab.energy import OpCounter
-from csdlab.eval.metrics import FiringCounter
+from csdlab.eval.counters import SimulationCounters
 
 from _timing import LiveTensorPeak  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -117,8 +116,7 @@ def rss_peak_mib(fn: Callable[[], Any]) -> tuple[float, float]:
 def eval_counting(snn: SpikingViT) -> Iterator[None]:
     """The counters ``csdlab.eval`` wraps every simulation in (``ConversionMetrics``), unchanged:
     firing per MT site and MACs / ACs per step of every layer."""
-    ops = OpCounter(snn, analog=snn.analog_layers(), steps=snn.time_steps, time_flattened=snn.time_flattened())
-    with FiringCounter(snn.sites()), ops:
+    with SimulationCounters(snn):
         yield
 
 

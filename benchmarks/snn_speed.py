@@ -2,8 +2,8 @@
 
 For D = 0 and D = 3 (T = L = 4): ``SNN time for one batch / (T x QANN time for the same batch)``.
 A dense simulation cannot go much below 1.0: every layer sees T input steps. The SNN is timed
-alone and *with the evaluation's own counters* around it: ``csdlab.eval.metrics.FiringCounter``
-(events of every neuron layer) and ``csdlab.energy.OpCounter`` (every spike-fed Conv2d / Linear:
+alone and *with the evaluation's own counters* around it: ``csdlab.eval.counters.FiringCounter``
+(events of every neuron layer) and ``csdlab.eval.counters.OpCounter`` (every spike-fed Conv2d / Linear:
 non-zero input events x actual fan-out, per time step; modules with ``count_ops`` count
 themselves; the analog first conv and head: dense MACs). All candidates are interleaved round by
 round (``benchmarks/_timing.py``), medians reported; the last line is
@@ -30,8 +30,7 @@ from torch import Tensor, nn
 import csdlab.models  # noqa: F401  (registers csdformer_*)
 from _timing import add_common_args, interleaved, medians, peak_mib, print_ratio, setup
 from csdlab.convert.csdformer import SpikingCSDformer, convert_csdformer
-from csdlab.energy import OpCounter
-from csdlab.eval.metrics import FiringCounter
+from csdlab.eval.counters import SimulationCounters
 from csdlab.quant import ActQuantizer
 
 __all__ = ["build_qann", "counted"]
@@ -41,8 +40,7 @@ log = logging.getLogger("snn_speed")
 
 def counted(snn: SpikingCSDformer, x: Tensor) -> Tensor:
     """One simulation with the evaluation's firing and operation counters attached."""
-    ops = OpCounter(snn, analog=snn.analog_layers(), steps=snn.time_steps, time_flattened=snn.time_flattened())
-    with FiringCounter(snn.sites(), device=x.device), ops:
+    with SimulationCounters(snn, device=x.device):
         return snn(x)
 
 

@@ -313,6 +313,14 @@ class SpikingViT(SpikingModel):
         heads = [self.net.head] + ([self.net.head_dist] if hasattr(self.net, "head_dist") else [])
         return layers + [m for h in heads for m in h.modules() if isinstance(m, nn.Linear)]
 
+    def uncounted_modules(self) -> dict[nn.Module, str]:
+        out = {self.net: "class token and position embedding: additions (not counted on either side)"}
+        for ec in self.net.modules():
+            if isinstance(ec, ECFunction):
+                out.update({m: "EC function F (a norm's affine): element-wise, not counted on either side"
+                            for m in ec.fn.modules() if any(True for _ in m.parameters(recurse=False))})
+        return out
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """Reset, simulate T steps on ``images [B, C, H, W]`` (fed at every step), return the
@@ -491,6 +499,7 @@ class ECMTConverter(Converter):
     """
 
     name = "ecmt"
+    needs_calibration = True
 
     def __init__(self, T: int = 8, levels: int = 8, percentile: float = 99.0,
                  softmax_threshold: float | None = 0.0125, gelu_thresholds: tuple[float, float] | None = None,

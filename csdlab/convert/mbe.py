@@ -327,6 +327,9 @@ class MBESpikingModel(SpikingModel):
         layers = [m for m in self.snn.patch_embed.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         return layers + [m for m in self.snn.head.modules() if isinstance(m, nn.Linear)]
 
+    def uncounted_modules(self) -> dict[nn.Module, str]:
+        return {self.snn: "class token and position embedding: additions (not counted on either side)"}
+
     def time_flattened(self) -> bool:
         # each layer runs once per image batch and that call covers all T steps of its neurons;
         # the counts of count_events / count_ops are totals over the T steps
@@ -352,6 +355,7 @@ class MBEConverter(Converter):
     """
 
     name = "mbe"
+    needs_calibration = True
 
     def __init__(self, Ts: list[int] = [8, 10, 12, 16], bases: int = 8, gelu_bases: int = 4,  # noqa: B006
                  gelu: bool = True, softmax: bool = True, layernorm: bool = True, products: bool = True,
