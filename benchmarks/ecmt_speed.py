@@ -323,7 +323,9 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak": peak, "before": before, "total": total}))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``benchmarks/gpu_check.py`` parses its own settings with it and calls
+    :func:`speed`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=lambda s: s.split(","), default=["fmnist", "vit_small_patch16_224"],
                         help="comma-separated: fmnist (the trained asset) and/or timm ViT names")
@@ -345,7 +347,11 @@ def main() -> None:
                         help="torch CPU threads (1: on a shared machine, 2 threads wait on each other)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("csdlab").setLevel(logging.WARNING)
     if args.threads:

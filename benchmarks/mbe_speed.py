@@ -46,7 +46,7 @@ def _time_pair(ann, snn, device: torch.device, repeats: int) -> tuple[float, flo
     return statistics.median(t_ann), statistics.median(t_snn)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--T", type=int, default=16)
     p.add_argument("--bases", type=int, default=8)
@@ -55,8 +55,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the shared CI machine: 1)")
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return p
+
+
+def measure(a: argparse.Namespace) -> dict[str, float]:
+    """ANN and whole-SNN medians (``benchmarks/gpu_check.py`` calls this); ``ratio``: SNN / ANN."""
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     model, _ = load_classifier(ASSET)
@@ -66,10 +69,17 @@ def main() -> None:
     snn = convert_vit_mbe(model, a.T, a.bases, a.gelu_bases, ranges).to(device)
     with torch.no_grad():
         t_ann, t_snn = _time_pair(lambda: model(x), lambda: snn(x), device, a.repeats)
-    log.info("device=%s batch=%d T=%d N=%d (GELU %d)", device, a.batch, a.T, a.bases, a.gelu_bases)
-    log.info("ANN forward        %8.2f ms", 1e3 * t_ann)
-    log.info("MBE SNN (all T)    %8.2f ms", 1e3 * t_snn)
-    print(f"ratio={t_snn / t_ann:.3f}")  # noqa: T201  the one machine-read line
+    return {"ann_s": t_ann, "snn_s": t_snn, "ratio": t_snn / t_ann}
+
+
+def main() -> None:
+    a = build_parser().parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    res = measure(a)
+    log.info("device=%s batch=%d T=%d N=%d (GELU %d)", a.device, a.batch, a.T, a.bases, a.gelu_bases)
+    log.info("ANN forward        %8.2f ms", 1e3 * res["ann_s"])
+    log.info("MBE SNN (all T)    %8.2f ms", 1e3 * res["snn_s"])
+    print(f"ratio={res['ratio']:.3f}")  # noqa: T201  the one machine-read line
 
 
 if __name__ == "__main__":

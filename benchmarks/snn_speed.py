@@ -33,7 +33,7 @@ from csdlab.convert.csdformer import SpikingCSDformer, convert_csdformer
 from csdlab.eval.counters import SimulationCounters
 from csdlab.quant import ActQuantizer
 
-__all__ = ["build_qann", "counted"]
+__all__ = ["build_qann", "counted", "build_parser", "measure"]
 
 log = logging.getLogger("snn_speed")
 
@@ -57,13 +57,18 @@ def build_qann(name: str, batch: int, device: torch.device) -> tuple[nn.Module, 
     return model.eval(), x
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser, repeats=10)
     parser.add_argument("--model", default="csdformer_tiny")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--delays", type=int, nargs="+", default=[0, 3])
-    args = parser.parse_args()
+    return parser
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every timing and peak memory of the benchmark (``benchmarks/gpu_check.py`` calls this);
+    ``ratio``: SNN at D = 3 with counting / (T x QANN)."""
     device = setup(args)
     if 3 not in args.delays:
         raise ValueError(f"--delays must include 3 (the ratio line is D = 3), got {args.delays}")
@@ -80,8 +85,15 @@ def main() -> None:
         mem = {"qann": peak_mib(fns["qann"], device)}
         for d in args.delays:
             mem[f"snn D={d}"] = peak_mib(fns[f"snn D={d}"], device)
+    return {"device": str(device), "T": T, "seconds": med, "peak_mib": mem,
+            "ratio": med["snn D=3 +count"] / (T * med["qann"])}
 
-    log.info("%s, batch %d, %s, %d threads, T=%d, %d interleaved rounds", args.model, args.batch, device,
+
+def main() -> None:
+    args = build_parser().parse_args()
+    res = measure(args)
+    med, mem, T = res["seconds"], res["peak_mib"], res["T"]
+    log.info("%s, batch %d, %s, %d threads, T=%d, %d interleaved rounds", args.model, args.batch, res["device"],
              torch.get_num_threads(), T, args.repeats)
     log.info("QANN forward               %9.2f ms   peak %7.1f MiB", 1e3 * med["qann"], mem["qann"])
     for d in args.delays:
@@ -89,7 +101,7 @@ def main() -> None:
         log.info("SNN D=%d simulation only    %9.2f ms   time / (T x QANN) = %.3f   peak %7.1f MiB (%.2fx the QANN's)",
                  d, 1e3 * sim, sim / (T * med["qann"]), mem[f"snn D={d}"], mem[f"snn D={d}"] / mem["qann"])
         log.info("SNN D=%d with counting      %9.2f ms   time / (T x QANN) = %.3f", d, 1e3 * cnt, cnt / (T * med["qann"]))
-    print_ratio(med["snn D=3 +count"] / (T * med["qann"]))
+    print_ratio(res["ratio"])
 
 
 if __name__ == "__main__":

@@ -426,6 +426,8 @@ def percentile_pair(x: Tensor, p: float) -> Tensor:
     k_hi, k_lo = _rank(p, n), _rank(100 - p, n)
     if n <= _EXACT_BELOW:
         return torch.stack([flat.kthvalue(k_hi).values, flat.kthvalue(k_lo).values])
+    if flat.device.type != "cpu":
+        return _topk_pair(flat, n - k_hi + 1, k_lo)
     sample = _sample(flat)
     r_hi, r_lo = n - k_hi + 1, k_lo  # ranks from the top / from the bottom
     hi_bound, lo_bound = _tail_bound(flat, sample, r_hi, True), _tail_bound(flat, sample, r_lo, False)
@@ -437,6 +439,15 @@ def percentile_pair(x: Tensor, p: float) -> Tensor:
         if int(torch.ge(tails, hi_bound).sum()) >= r_hi and int(torch.le(tails, lo_bound).sum()) >= r_lo:
             return torch.stack([tails.kthvalue(c - r_hi + 1).values, tails.kthvalue(r_lo).values])
     return torch.stack([_kth_smallest(flat, k_hi), _kth_smallest(flat, k_lo)])  # the bounds missed (rare)
+
+
+def _topk_pair(flat: Tensor, r_hi: int, r_lo: int) -> Tensor:
+    """``[r_hi-th largest, r_lo-th smallest]`` of ``flat`` by ``topk`` of each tail: the path off
+    the CPU, where boolean selection reads its size on the host (a synchronisation per site) and
+    ``kthvalue`` runs one thread block per slice. The same values as :func:`percentile_pair`'s."""
+    hi = flat.topk(r_hi, largest=True, sorted=False).values.amin()
+    lo = flat.topk(r_lo, largest=False, sorted=False).values.amax()
+    return torch.stack([hi, lo])
 
 
 def percentile(x: Tensor, q: float) -> Tensor:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from csdlab.convert.passes import describe_modules, swap_modules, unknown_modules
 from csdlab.eval.api import AllReduce, Converter, SpikingModel
+from csdlab.snn.counting import bincount_below
 from csdlab.snn.mbe import FIT_COMMAND, MBECode, MBENeuron, load_codes
 from csdlab.snn.mbe_ops import ANDProduct, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
 
@@ -255,7 +256,8 @@ def calibrate_ranges(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, 
     sites = identity_sites(snn)
     names = list(sites)
     edges = _log_edges()
-    hist = torch.zeros(len(names), len(edges) + 1, dtype=torch.float64)
+    # on the model's device: the hooks add to it there (no copy to the host per site and batch)
+    hist = torch.zeros(len(names), len(edges) + 1, dtype=torch.float64, device=next(snn.parameters()).device)
     device_edges: dict[tuple[str, torch.dtype], Tensor] = {}
 
     def hook(i: int) -> Callable[..., None]:
@@ -265,7 +267,7 @@ def calibrate_ranges(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, 
             if key not in device_edges:
                 device_edges[key] = edges.to(device=x.device, dtype=x.dtype)
             idx = torch.bucketize(x.flatten(), device_edges[key])  # edges[i-1] < |x| <= edges[i]
-            hist[i] += torch.bincount(idx, minlength=len(edges) + 1).double().cpu()
+            hist[i] += bincount_below(idx, len(edges) + 1).to(hist)
 
         return fn
 
@@ -284,7 +286,7 @@ def calibrate_ranges(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, 
             h.remove()
     dev = next(model.parameters()).device
     # one all-reduce: the histograms and the number of images seen, summed over processes
-    packed = torch.cat([hist.flatten(), torch.tensor([float(images)], dtype=torch.float64)])
+    packed = torch.cat([hist.flatten(), torch.full((1,), float(images), dtype=torch.float64, device=hist.device)])
     packed = all_reduce(packed.to(dev)).cpu()
     hist = packed[:-1].view_as(hist)
     if float(packed[-1]) == 0:

@@ -22,6 +22,7 @@ model's device (no host synchronisation inside a simulation).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from typing import Any
@@ -90,13 +91,16 @@ class FiringCounter(HookCounter):
     graded and multi-basis neurons define what one event is; a site that does not raises.
     """
 
-    def __init__(self, sites: Mapping[str, nn.Module], device: torch.device | str = "cpu") -> None:
+    def __init__(self, sites: Mapping[str, nn.Module], device: torch.device | str | None = None) -> None:
         super().__init__()
         missing = [n for n, m in sites.items() if not hasattr(m, "count_events")]
         if missing:
             raise TypeError(f"neuron sites without count_events(inputs, output): {missing[:5]}; a site must say "
                             "what one event is (see csdlab.eval.api.SpikingModel.sites)")
         self.sites = dict(sites)
+        if device is None:  # the sites' own device (their first parameter or buffer), else the CPU
+            tensors = (t for m in self.sites.values() for t in itertools.chain(m.parameters(), m.buffers()))
+            device = next((t.device for t in tensors), torch.device("cpu"))
         self.counts = torch.zeros(2, len(self.sites), dtype=torch.float64, device=device)
 
     def targets(self) -> list[tuple[str, nn.Module]]:
@@ -227,7 +231,7 @@ class SimulationCounters:
     alive while the counters are entered).
     """
 
-    def __init__(self, snn: Any, device: torch.device | str = "cpu") -> None:
+    def __init__(self, snn: Any, device: torch.device | str | None = None) -> None:
         self.firing = FiringCounter(snn.sites(), device=device)
         self.ops = OpCounter(snn, analog=snn.analog_layers(), steps=int(snn.time_steps),
                              time_flattened=snn.time_flattened(), uncounted=snn.uncounted_modules())

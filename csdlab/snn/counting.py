@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["count_spikes", "nonzero_per_row", "record_nonzero_rows", "counting_cache", "CountCache", "conv_cover",
-           "synaptic_events"]
+           "synaptic_events", "bincount_below"]
 
 _CHUNK = 1 << 24  # float32 represents every integer up to 2^24 exactly
 
@@ -89,6 +89,17 @@ class CountCache:
             with torch.inference_mode(False):
                 buf = self.scratch[(device, dtype)] = torch.empty(self.SCRATCH_ELEMS, dtype=dtype, device=device)
         return buf
+
+
+def bincount_below(x: Tensor, bins: int) -> Tensor:
+    """``torch.bincount(x, minlength=bins)`` for integers ``x`` known to lie in ``[0, bins)``:
+    ``[bins]`` int64 on ``x``'s device. Off the CPU without ``bincount``, which reads ``x.max()``
+    on the host to size its output (a synchronisation per call)."""
+    x = x.flatten()
+    if x.device.type == "cpu":
+        return torch.bincount(x, minlength=bins)
+    ones = torch.ones((), dtype=torch.int64, device=x.device).expand(x.numel())
+    return torch.zeros(bins, dtype=torch.int64, device=x.device).index_add_(0, x, ones)
 
 
 _ACTIVE: ContextVar[CountCache | None] = ContextVar("csdlab_count_cache", default=None)
@@ -207,6 +218,22 @@ def conv_cover(conv: nn.Conv2d, hw: tuple[int, int]) -> Tensor:
     return _cover_cached(tuple(hw), out_hw, k, s, p, d)
 
 
+#: conv_cover copied to a device once per geometry: a copy per call would be a host-to-device
+#: transfer, i.e. a synchronisation, per layer and batch
+_DEVICE_COVERS: dict[tuple[Any, ...], Tensor] = {}
+
+
+def _cover_on(conv: nn.Conv2d, hw: tuple[int, int], device: torch.device) -> Tensor:
+    """:func:`conv_cover` on ``device`` (float64 there; the CPU tensor itself on the CPU)."""
+    if device.type == "cpu":
+        return conv_cover(conv, hw)
+    key = (device, hw, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+    cover = _DEVICE_COVERS.get(key)
+    if cover is None:
+        cover = _DEVICE_COVERS[key] = conv_cover(conv, hw).to(device, torch.float64)
+    return cover
+
+
 def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
     """Synaptic operations of an event-driven Conv2d / Linear: for every row (dim 0) of ``x``, the
     sum over non-zero input entries of the number of outputs each one reaches. ``[N]``, float64.
@@ -227,6 +254,6 @@ def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
         # [N, H, W]: events over channels (<= C_in, exact); C_in times smaller than x, so the
         # weighted sum runs in float64, exact however large the window counts get
         per_position = mask.sum(1).to(torch.float64)
-        cover = conv_cover(module, tuple(x.shape[-2:])).to(per_position)  # [H, W]
+        cover = _cover_on(module, tuple(x.shape[-2:]), x.device).to(per_position)  # [H, W]
         return per_position.mul_(cover).flatten(1).sum(1) * (module.out_channels // module.groups)
     raise TypeError(f"synaptic_events takes nn.Conv2d or nn.Linear, got {type(module).__name__}")

@@ -43,10 +43,19 @@ def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> float:
     Element-wise: ``sum count_a count_b``. Matrix ``[.., n, p] @ [.., p, m]``: every pair
     ``(a_ik, b_kj)`` meets, so ``sum_ikj ca_ik cb_kj = sum_k (sum_i ca_ik)(sum_j cb_kj)``.
     """
+    return float(_and_events(count_a, count_b, matmul))
+
+
+def _and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> Tensor:
+    """:func:`and_events` as a 0-d float64 tensor on the counts' device (no host synchronisation)."""
     ca, cb = count_a.double(), count_b.double()
     if matmul:
-        return float((ca.sum(-2) * cb.sum(-1)).sum())
-    return float((ca * cb).sum())
+        return (ca.sum(-2) * cb.sum(-1)).sum()
+    return (ca * cb).sum()
+
+
+def _total(count: Tensor) -> Tensor:
+    return count.sum(dtype=torch.float64)  # spikes: small integers, exact in float64
 
 
 class ANDProduct(nn.Module):
@@ -90,10 +99,10 @@ class MBEProduct(nn.Module):
         out = self.product(self.enc_a(a), self.enc_b(b))
         return out if self.scale == 1.0 else out * self.scale
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
-        """``(0, AND events + spikes of both encoders)``."""
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
+        """``(0, AND events + spikes of both encoders)`` (a tensor on the inputs' device)."""
         ca, cb = self.enc_a.spike_counts(inputs[0]), self.enc_b.spike_counts(inputs[1])
-        return 0.0, and_events(ca, cb, self.matmul) + float(ca.sum()) + float(cb.sum())
+        return 0.0, _and_events(ca, cb, self.matmul) + _total(ca) + _total(cb)
 
     def extra_repr(self) -> str:
         return f"matmul={self.matmul}, scale={self.scale:.4g}"
@@ -128,14 +137,14 @@ class MBESoftmax(nn.Module):
         # numerator x 1/sum: AND of the exp2 and recip trains, then one exponent add
         return torch.ldexp(self.product(p, r), whole - expo)
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, exp2 spikes (neuron + one AC each into the row sum) + recip spikes + AND events)``."""
         x = inputs[0]
         whole, frac = self._split(x)
         cp = self.exp2.spike_counts(frac)
         mant, _ = torch.frexp(torch.ldexp(self.exp2(frac), whole).sum(self.dim, keepdim=True))
         cr = self.recip.spike_counts(mant)
-        return 0.0, 2.0 * float(cp.sum()) + float(cr.sum()) + and_events(cp, cr, matmul=False)
+        return 0.0, 2.0 * _total(cp) + _total(cr) + _and_events(cp, cr, matmul=False)
 
 
 class MBELayerNorm(nn.Module):
@@ -177,7 +186,7 @@ class MBELayerNorm(nn.Module):
             y = y + self.bias
         return y
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, centred spikes + rsqrt spikes + AND events of the square and of the product)``."""
         x = inputs[0]
         xc_in = x - x.mean(-1, keepdim=True)
@@ -185,8 +194,8 @@ class MBELayerNorm(nn.Module):
         xc, var = self._var(x)
         mant, _ = self._even(var + self.eps)
         cr = self.rsqrt.spike_counts(mant)
-        ands = and_events(cc, cc, matmul=False) + and_events(cc, cr, matmul=False)
-        return 0.0, float(cc.sum()) + float(cr.sum()) + ands
+        ands = _and_events(cc, cc, matmul=False) + _and_events(cc, cr, matmul=False)
+        return 0.0, _total(cc) + _total(cr) + ands
 
 
 class MBELinear(nn.Module):
@@ -204,9 +213,9 @@ class MBELinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.encoder(x))
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, spikes x (fan-out + 1))``: one AC per event and output, one in the neuron."""
-        events = float(self.encoder.spike_counts(inputs[0]).sum())
+        events = _total(self.encoder.spike_counts(inputs[0]))
         return 0.0, events * (self.linear.out_features + 1)
 
 
