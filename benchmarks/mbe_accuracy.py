@@ -32,7 +32,7 @@ def mbe_accuracies(Ts: list[int], limit: int = 10_000, data_dir: str | None = No
                    switches: dict[str, bool] | None = None) -> dict[str, float]:
     """``{"ann": top1, "T8": top1, ...}`` (fractions) on the first ``limit`` test images, through
     ``convert.py``'s MBE config."""
-    from csdlab.eval.cli import make_convert_cli
+    from csdlab.cli import make_convert_cli
 
     out = tempfile.mkdtemp(prefix="mbe_accuracy_")
     args = ["test", "--config", str(ROOT / "configs" / "convert" / "fmnist_vit_mbe.yaml"),

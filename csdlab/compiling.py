@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,13 @@ class CompiledKernel:
                 if self._compiled is None:
                     # dynamic: the callers pass flattened tensors, so one graph serves every size
                     self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                    # the first call compiles (seconds to a minute on a CPU): say so, the run is not stuck
+                    log.info("compiling %s with torch.compile (first use in this process; %s=0 runs it "
+                             "eagerly)", self.fn.__qualname__, COMPILE_ENV)
+                    start = time.perf_counter()
+                    out = self._compiled(*args)
+                    log.info("compiled %s in %.1f s", self.fn.__qualname__, time.perf_counter() - start)
+                    return out
                 return self._compiled(*args)
             except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
                 self.failed = f"{type(err).__name__}: {err}".splitlines()[0][:300]

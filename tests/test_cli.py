@@ -2,10 +2,13 @@
 errors a user meets on the command line (one line, the fix named)."""
 
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from jsonargparse import ArgumentError
@@ -242,3 +245,80 @@ def test_pretrained_model_gets_its_own_normalisation(tmp_path, monkeypatch):
     assert (cli.datamodule.hparams.mean, cli.datamodule.hparams.std) == ((0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
     cli = train_main([*args[:2], *args[4:]], run=False)  # from scratch: the dataset's statistics
     assert cli.datamodule.hparams.mean == (0.4914, 0.4822, 0.4465)
+
+
+# -- the base both command lines share -----------------------------------------------------------
+def test_progress_bar_can_be_switched_off(tmp_path):
+    """`--trainer.enable_progress_bar false` removes csdlab's rich bar instead of failing on it."""
+    args = [a for a in _fast_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                                  "--test_after_fit", "false", "--trainer.enable_progress_bar", "false")
+            if a not in ("--progress_bar.refresh_rate", "0")]
+    cli = train_main(args)
+    assert cli.trainer.progress_bar_callback is None
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
+class _LogEveryBatch(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        logging.getLogger("csdlab.test").info("line %d printed while the bar is live", batch_idx)
+
+
+def test_log_lines_print_above_a_live_progress_bar(tmp_path, monkeypatch):
+    """In a terminal, rich redirects stderr while its bar is live; csdlab's handler writes to the
+    stderr of the moment, so each line comes out whole above the bar (not through it, not lost)."""
+    import io
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from csdlab.cli import configure_logging
+
+    logger = logging.getLogger("csdlab")
+    monkeypatch.setattr(logger, "handlers", [])
+    configure_logging()
+    terminal = io.StringIO()
+    bar = RichProgressBar(console_kwargs={"force_terminal": True, "file": terminal, "width": 120})
+    module = ClassificationModule("csdformer_tiny", {"num_classes": 10, "img_size": 16, "in_chans": 1,
+                                                     "pool_stages": [2, 3], "embed_dim": 32})
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[bar, _LogEveryBatch()])
+    trainer.fit(module, ImageDataModule("digits", batch_size=32))
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line) for line in terminal.getvalue().splitlines()]
+    for i in range(3):
+        assert f"line {i} printed while the bar is live" in lines
+
+
+class _CtrlC(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_the_caller_and_leaves_sigint_heard(tmp_path):
+    """Lightning turns Ctrl-C into a graceful shutdown, ignores SIGINT and exits with SystemExit(1),
+    which a test session would survive (and go on with the next test): the CLI re-raises it."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(_fast_args(tmp_path, "--trainer.max_epochs", "1", "--test_after_fit", "false"),
+                   trainer_defaults={"callbacks": [_CtrlC()]})
+    assert signal.getsignal(signal.SIGINT) is before
+    assert run_cli(lambda argv: train_main(_fast_args(tmp_path, "--trainer.max_epochs", "1"),
+                                           trainer_defaults={"callbacks": [_CtrlC()]}), []) == 130
+
+
+def test_no_private_lightning_api():
+    """csdlab uses Lightning through its public API only (private names change between releases)."""
+    private = re.compile(r"from lightning[\w.]* import _\w|\._accelerator_connector|_given_hyperparameters|"
+                         r"\._wandb_init|_prepare_subcommand_parser|\._run_subcommand|\._subcommand_parsers")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "csdlab").rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    assert hits == []
+
+
+def test_eval_imports_nothing_above_it():
+    """csdlab.eval (the measurements and their report) imports neither the callbacks nor the CLI."""
+    upward = re.compile(r"^\s*(from|import) csdlab\.(callbacks|cli)\b")
+    hits = [f"{p.name}:{i}" for p in (ROOT / "csdlab" / "eval").glob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if upward.search(line)]
+    assert hits == []

@@ -39,3 +39,16 @@ def test_environment_switch(monkeypatch: pytest.MonkeyPatch, value: str, allowed
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(1) or fn)
     CompiledKernel(_axpy)(torch.ones(2), torch.tensor(3.0))
     assert calls == ([1] if allowed else [])
+
+
+def test_first_call_says_it_compiles(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The first call of a kernel compiles (seconds to a minute on a CPU): it is announced, once."""
+    monkeypatch.setenv("CSDLAB_COMPILE", "1")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    k = CompiledKernel(_axpy)
+    with caplog.at_level(logging.INFO, logger=compiling.__name__):
+        for _ in range(3):
+            k(torch.ones(2), torch.tensor(3.0))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("compiling _axpy with torch.compile") for m in messages) == 1
+    assert sum(m.startswith("compiled _axpy in ") for m in messages) == 1

@@ -1,7 +1,6 @@
-"""Lightning callbacks: the side jobs around training and conversion (checks, conversion, reporting)."""
+"""Lightning callbacks for training: conversion during training, the DDP replica check."""
 
 from csdlab.callbacks.conversion import ConversionCallback
 from csdlab.callbacks.replicas import ReplicaConsistency
-from csdlab.callbacks.report import ConversionReport
 
-__all__ = ["ConversionCallback", "ConversionReport", "ReplicaConsistency"]
+__all__ = ["ConversionCallback", "ReplicaConsistency"]

@@ -2,7 +2,8 @@
 
 A converter supplies :class:`Converter` / :class:`SpikingModel` (``csdlab/eval/api.py``);
 :class:`ConversionEvaluation` (a LightningModule run by ``Trainer.test``) and
-:class:`ConversionData` do the rest, :class:`csdlab.callbacks.ConversionReport` writes the output.
+:class:`ConversionData` do the rest, :class:`csdlab.eval.report.ConversionReport` writes the output;
+:class:`csdlab.cli.ConvertCLI` (``convert.py``) wires them.
 """
 
 from csdlab.eval.api import Converter, SpikingModel

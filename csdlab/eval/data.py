@@ -20,16 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def _image_data(**kwargs: Any) -> ImageDataModule:
-    # LightningCLI hands the hyper-parameters of the class it instantiates (ConversionData) to every
-    # save_hyperparameters() call inside it through a context variable; the inner data module must
-    # record its own arguments instead
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    token = _given_hyperparameters.set(None)
-    try:
-        return ImageDataModule(**kwargs)
-    finally:
-        _given_hyperparameters.reset(token)
+    """The inner data module, built one frame away from ``ConversionData.__init__``: Lightning's
+    ``save_hyperparameters`` collects the arguments of directly nested ``__init__`` frames, and the
+    inner module must record its own. (``convert.py`` builds ConversionData without Lightning's
+    hyper-parameter injection, ``load_from_checkpoint_support=False``.)"""
+    return ImageDataModule(**kwargs)
 
 
 class ConversionData(L.LightningDataModule):

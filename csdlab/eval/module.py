@@ -4,7 +4,7 @@
 calibration batches, sums go through an all-reduce) and converts; ``test_step`` scores the
 reference, the optional ANN and every spiking variant on each batch (:class:`ConversionMetrics`);
 ``on_test_epoch_end`` computes the rank-reduced figures, logs them (W&B or any logger) and keeps
-them in ``results`` for :class:`csdlab.callbacks.ConversionReport`, which writes the tables, JSON
+them in ``results`` for :class:`csdlab.eval.report.ConversionReport`, which writes the tables, JSON
 and plots.
 """
 
@@ -16,14 +16,21 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
 
 from csdlab.eval.api import Converter, SpikingModel
 from csdlab.eval.load import load_reference
 from csdlab.eval.metrics import ConversionMetrics
+from csdlab.eval.progress import Heartbeat
 
 __all__ = ["ConversionEvaluation"]
 
 log = logging.getLogger(__name__)
+
+
+def _loaders(loaders: Any) -> list[Any]:
+    return list(loaders.values()) if isinstance(loaders, dict) else list(loaders) if isinstance(
+        loaders, (list, tuple)) else [loaders]
 
 
 class ConversionEvaluation(L.LightningModule):
@@ -65,6 +72,7 @@ class ConversionEvaluation(L.LightningModule):
         self.metrics: ConversionMetrics | None = None
         self.calibration: dict[str, Any] = {}
         self.results: dict[str, Any] = {}
+        self.progress = Heartbeat()
 
     @property
     def num_classes(self) -> int:
@@ -86,6 +94,7 @@ class ConversionEvaluation(L.LightningModule):
         if not hasattr(dm, "calibration_batches"):
             raise ValueError(f"{self.converter.name} calibrates on training images: use csdlab.eval.ConversionData")
         batches = (x.to(self.device, self._ref_dtype()) for x in dm.calibration_batches())
+        batches = self.progress.batches(batches, f"{self.converter.name} calibration", dm.calib_batches)
         with torch.no_grad():
             self.calibration = self.converter.calibrate(self.reference, batches, self._all_reduce)
         log.info("%s: calibrated on %d batches", self.converter.name, dm.calib_batches)
@@ -95,18 +104,23 @@ class ConversionEvaluation(L.LightningModule):
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(f"the data has {data_classes} classes but the model has {self.num_classes}: "
                              "pass the dataset the model was trained on (--data.dataset)")
-        if self.trainer.world_size > 1 and self.trainer._accelerator_connector.use_distributed_sampler:
+        if any(isinstance(getattr(dl, "sampler", None), DistributedSampler)
+               for dl in _loaders(self.trainer.test_dataloaders)):
             raise ValueError("build the Trainer with use_distributed_sampler=False: ConversionData splits the "
                              "images between processes itself (no padding, no repeated images)")
         if self.converter.needs_calibration:
             self._calibrate()
+        log.info("%s: building the spiking variants", self.converter.name)
         self.snns = nn.ModuleDict(self.converter.convert(self.reference)).to(self.device)
+        self.progress.batches_total = int(sum(self.trainer.num_test_batches))
+        self.progress.watch(self.snns)
         self.metrics = ConversionMetrics(self.num_classes, self.variants(), with_ann=self.ann is not None)
         self.metrics.to(self.device)
         log.info("%s: evaluating %s", self.converter.name, ", ".join(self.snns))
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
+        self.progress.batch = batch_idx
         self.metrics.update(x.to(self._ref_dtype()), y, self.reference, self.variants(), self.ann)
 
     def on_test_epoch_end(self) -> None:

@@ -1,15 +1,27 @@
-"""Tables, JSON and plots of a conversion evaluation, from the figures of
-:class:`csdlab.eval.metrics.ConversionMetrics` (fractions; percent only in the printed tables)."""
+"""The written output of a conversion evaluation: tables, JSON and plots from the figures of
+:class:`csdlab.eval.metrics.ConversionMetrics` (fractions; percent only in the printed tables), and
+:class:`ConversionReport`, the Lightning callback of ``convert.py`` that writes them (rank 0)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from csdlab.report import format_table, plot_bars, plot_curves, write_json
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
 
-__all__ = ["summary_table", "steps_table", "write_report", "plot_report"]
+from csdlab.eval.plots import format_table, plot_bars, plot_curves, write_json
+from csdlab.eval.checks import spike_driven_check
+
+__all__ = ["summary_table", "steps_table", "write_report", "plot_report", "log_images", "run_folder",
+           "ConversionReport"]
+
+log = logging.getLogger(__name__)
 
 
 def _pct(x: float) -> float:
@@ -94,3 +106,98 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, reference_name
     plots = plot_report(results, out, reference_name)
     json_path = write_json({**dict(extra or {}), **results, "tables": tables, "plots": plots}, out / "figures.json")
     return {"tables": tables, "plots": plots, "json": json_path}
+
+
+def log_images(trainer: L.Trainer, paths: list[Path], prefix: str) -> None:
+    """Send image files to every W&B logger of ``trainer`` under ``prefix/<file stem>``."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            for p in paths:
+                logger.log_image(key=f"{prefix}/{Path(p).stem}", images=[str(p)])
+
+
+def next_version(root: str | Path) -> Path:
+    """``root/version_N`` with N one more than the largest existing one (0 for the first run)."""
+    root = Path(root)
+    taken = [int(p.name.removeprefix("version_")) for p in root.glob("version_*")
+             if p.name.removeprefix("version_").isdigit()]
+    return root / f"version_{max(taken, default=-1) + 1}"
+
+
+def run_folder(trainer: L.Trainer) -> Path:
+    """The folder of this run's files: the trainer's log dir when a logger versions it
+    (``<root>/version_N`` with the CSV logger of ``configs/convert/``), else a new
+    ``version_N`` under ``default_root_dir``, so a re-run never overwrites the last one.
+    A collective under DDP (every rank must call it)."""
+    log_dir = trainer.log_dir  # a broadcast from rank 0
+    if trainer.loggers and log_dir and Path(log_dir) != Path(trainer.default_root_dir):
+        return Path(log_dir)
+    return next_version(trainer.default_root_dir)
+
+
+class ConversionReport(Callback):
+    """Tables, JSON, plots and the spike-driven check of a conversion evaluation.
+
+    Args:
+        out_dir: where ``figures.json`` and the plots go (default: the run's versioned folder,
+            :func:`run_folder`); checked writable before anything is computed.
+        check_images: test images the spike-driven check runs on (0: skip the check).
+    """
+
+    def __init__(self, out_dir: str | None = None, check_images: int = 8) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.check_images = check_images
+        self._images: Tensor | None = None
+        self.folder: Path | None = None
+        self.written: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        folder = Path(self.out_dir) if self.out_dir else run_folder(trainer)
+        self.folder = folder
+        if trainer.is_global_zero:
+            from csdlab.eval.plots import check_writable
+
+            check_writable(folder, "the report folder (--report.out_dir)")
+            if (folder / "figures.json").exists():
+                log.warning("%s already holds a report: it is replaced", folder)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx == 0 and self.check_images > 0:
+            self._images = batch[0][: self.check_images].detach()
+
+    def _spike_driven(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        if self._images is None:
+            return {}
+        x = self._images.to(next(pl_module.reference.parameters()).dtype)
+        verdicts = {}
+        for v, snn in pl_module.variants().items():
+            with torch.no_grad():
+                report = spike_driven_check(snn, lambda s: s(x), exempt=snn.analog_layers())
+            verdicts[v] = {"spike_driven": report.ok, "layers_checked": len(report.layers),
+                           "analog_inputs": report.violations, "operands": report.operand_kinds(),
+                           "failed_sources": report.failed_sources,
+                           "exempt": [c.name for c in report.layers if c.exempt], "summary": report.summary()}
+            log.info("spike-driven check %s: %s", v, report.summary())
+        return verdicts
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not getattr(pl_module, "results", None):
+            return
+        out = self.folder or Path(self.out_dir or trainer.default_root_dir)
+        pl_module.results["spike_driven_check"] = self._spike_driven(pl_module)
+        results = pl_module.results
+        ref_name = pl_module.converter.reference_name
+        meta = {"checkpoint": pl_module.checkpoint, "float64": pl_module.float64, "world_size": trainer.world_size}
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "num_images"):
+            meta.update(dataset=dm.dataset, split=dm.split, images=dm.num_images(), limit=dm.limit)
+        self.written = write_report(results, out, ref_name, extra=meta)
+        images = int(results["figures"]["samples"])
+        for name, table in self.written["tables"].items():
+            log.info("%s conversion, %s (%d images, %s split):\n%s", results["method"], name, images,
+                     meta.get("split", "?"), table)
+        log.info("figures: %s", self.written["json"])
+        log_images(trainer, self.written["plots"], f"conversion/{results['method']}")
+

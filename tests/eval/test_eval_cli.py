@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from csdlab.eval.cli import make_convert_cli
+from csdlab.cli import make_convert_cli, run_cli
 from tests.checkpoints import DIGITS_CSDFORMER, REPO, make_checkpoint
 
 CSDFORMER = "csdlab.convert.csdformer.CSDformerConverter"
@@ -23,7 +24,8 @@ def _args(ckpt: Path, out: Path, *extra: str, converter: str = CSDFORMER) -> lis
             "--report.out_dir", str(out), "--trainer.default_root_dir", str(out), *extra]
 
 
-def test_csdformer_conversion_figures_and_report(digits_qann: Path, tmp_path: Path) -> None:
+def test_csdformer_conversion_figures_and_report(digits_qann: Path, tmp_path: Path, caplog) -> None:
+    caplog.set_level("INFO", logger="csdlab")
     cli = make_convert_cli(_args(digits_qann, tmp_path, "--model.converter.delays", "[0, 3]"))
     r = cli.model.results
     f = r["figures"]
@@ -42,6 +44,10 @@ def test_csdformer_conversion_figures_and_report(digits_qann: Path, tmp_path: Pa
     assert "| SNN D3 | 7 |" in written["tables"]["summary"]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "accuracy_vs_latency.png", "accuracy_vs_t.png", "energy_vs_t.png", "firing_rate_per_site.png"]
+    # the spike-driven line gives its verdict and what it certifies
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.match(r"spike-driven check D3: PASS: \d+ synaptic sites watched", m) for m in lines)
+    assert "test batch 1/2: simulating D0" in lines  # then one line per 10 s at most
 
 
 def test_given_delay_and_plain_if_only(digits_qann: Path, tmp_path: Path) -> None:
@@ -87,7 +93,7 @@ def test_nan_images_are_refused(digits_qann: Path) -> None:
 
 RUN = """
 import sys
-from csdlab.eval.cli import make_convert_cli
+from csdlab.cli import make_convert_cli
 make_convert_cli(sys.argv[1:])
 """
 
@@ -124,3 +130,102 @@ def test_two_processes_give_the_figures_of_one(method: str, digits_qann: Path, d
     assert f1.keys() == f2.keys()
     for k in f1:
         assert f2[k] == pytest.approx(f1[k], rel=1e-5, abs=1e-6), k
+
+
+# -- the command line itself ----------------------------------------------------------------------
+def _help(args: list[str], capsys) -> str:
+    assert run_cli(make_convert_cli, args, prog="convert.py") == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_mbe_fit_and_a_short_complete_test(capsys) -> None:
+    top = _help(["--help"], capsys)
+    assert "mbe-fit" in top and "test" in top
+    test = _help(["test", "--help"], capsys)
+    assert "--optimizer" not in test and "--lr_scheduler" not in test  # a conversion never optimises
+    assert "--trainer.max_epochs" not in test and "--ckpt_path" not in test  # the training loop's
+    assert "--trainer.enable_progress_bar" in test and "--trainer.devices" in test
+    assert "measure every spiking variant against it on the evaluation split." in " ".join(top.split())
+    assert "into the run's folder (logs/convert/<config>/version_N unless --report.out_dir)." in " ".join(
+        test.split())
+    assert len(test.splitlines()) < 450
+    assert "--replace_shipped" in _help(["mbe-fit", "--help"], capsys)
+
+
+def test_converters_resolve_by_class_name(digits_vit: Path, tmp_path: Path, capsys) -> None:
+    assert "--model.converter.percentile" in _help(["test", "--model.converter.help", "ECMTConverter"], capsys)
+    assert "--model.converter.Ts" in _help(["test", "--model.converter.help", "MBEConverter"], capsys)
+    cli = make_convert_cli(_args(digits_vit, tmp_path, "--model.converter.T", "2", "--data.limit", "32",
+                                 "--data.calib_batches", "1", converter="ECMTConverter"))
+    assert cli.model.converter.name == "ecmt" and list(cli.model.results["variants"]) == ["T2"]
+
+
+def test_progress_bar_off_and_calibration_progress(digits_vit: Path, tmp_path: Path, caplog) -> None:
+    caplog.set_level("INFO", logger="csdlab")
+    args = [a for a in _args(digits_vit, tmp_path, "--model.converter.T", "2", "--data.limit", "32",
+                             "--data.calib_batches", "2", "--trainer.enable_progress_bar", "false",
+                             converter="csdlab.convert.ecmt.ECMTConverter")
+            if a not in ("--progress_bar.refresh_rate", "0")]
+    cli = make_convert_cli(args)
+    assert cli.trainer.progress_bar_callback is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert "ecmt calibration: batch 1/2" in lines and "ecmt calibration: batch 2/2" in lines
+    assert "ecmt calibration: 2 batches observed, fixing the constants" in lines
+
+
+def test_every_run_gets_its_own_folder_and_wandb_run(digits_qann: Path, tmp_path: Path, monkeypatch) -> None:
+    """No --report.out_dir: logs/convert/version_N per run (config, figures, plots, CSV) and an
+    offline W&B run; a re-run writes version_1, never over version_0."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()  # W&B's process-wide settings were made by earlier tests with WANDB_MODE=disabled
+    args = ["test", "--model.converter", "CSDformerConverter", "--model.converter.delays", "[3]",
+            "--model.checkpoint", str(digits_qann), "--data.limit", "32", "--data.data_dir", str(tmp_path / "data"),
+            "--trainer.accelerator", "cpu", "--progress_bar.refresh_rate", "0"]
+    try:
+        for _ in range(2):
+            make_convert_cli(args)
+    finally:
+        wandb.teardown()
+    root = tmp_path / "logs" / "convert"  # the tests run in tmp_path
+    for version in ("version_0", "version_1"):
+        run = root / version
+        assert {"config.yaml", "figures.json", "metrics.csv", "energy_vs_t.png"} <= {p.name for p in run.iterdir()}
+    assert len(list((root / "wandb").glob("offline-run-*"))) == 2
+    assert not (root / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs" / "convert").glob("*.yaml")))
+def test_convert_configs_version_their_runs(config: str, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)  # assets/ are named relative to the repository root
+    cli = make_convert_cli(["--config", str(REPO / "configs" / "convert" / config)], run=False)
+    name = config.removesuffix(".yaml")
+    assert cli.trainer.default_root_dir == f"logs/convert/{name}"
+    csv, wandb = cli.trainer.loggers
+    assert (type(csv).__name__, type(wandb).__name__) == ("CSVLogger", "WandbLogger")
+    assert Path(csv.log_dir).parent == Path(f"logs/convert/{name}") and Path(csv.log_dir).name.startswith("version_")
+
+
+def test_mbe_fit_writes_a_new_folder_unless_told_to_replace(tmp_path: Path, monkeypatch) -> None:
+    import csdlab.snn.mbe_fit as mbe_fit
+    from csdlab.snn.mbe import table_path
+
+    calls = []
+
+    def fake_fit_all(out_dir, Ts, Ns):
+        calls.append((Path(out_dir), list(Ts), list(Ns)))
+        return {"files": [str(Path(out_dir) / f"mbe_T{T}_N{N}.json") for T in Ts for N in Ns]}
+
+    monkeypatch.setattr(mbe_fit, "fit_all", fake_fit_all)
+    make_convert_cli(["mbe-fit", "--Ts", "[4]", "--Ns", "[4]"])
+    make_convert_cli(["mbe-fit"])
+    assert calls[0] == (Path("logs/mbe_fit/version_0"), [4], [4])
+    assert calls[1] == (Path("logs/mbe_fit/version_1"), [4, 8, 10, 12, 16], [4, 8])
+    make_convert_cli(["mbe-fit", "--out_dir", str(tmp_path / "mine")])
+    assert calls[2][0] == tmp_path / "mine"
+    with pytest.raises(ValueError, match="not both"):
+        make_convert_cli(["mbe-fit", "--out_dir", "x", "--replace_shipped", "true"])
+    monkeypatch.setattr("csdlab.cli.check_writable", lambda *a: None)  # never touch the package here
+    make_convert_cli(["mbe-fit", "--replace_shipped", "true", "--Ts", "[8]", "--Ns", "[8]"])
+    assert calls[3] == (table_path(8, 8).parent, [8], [8])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from csdlab.eval.cli import make_convert_cli
+from csdlab.cli import make_convert_cli
 from csdlab.lit.data import DEBIAN_FMNIST
 from tests.checkpoints import REPO
 
@@ -24,7 +24,7 @@ def convert(config: str, tmp_path: Path, *extra: str) -> dict:
     cli = make_convert_cli(["test", "--config", str(REPO / "configs" / "convert" / config),
                             "--data.data_dir", str(tmp_path / "data"), "--report.out_dir", str(tmp_path / "out"),
                             "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
-                            "--progress_bar.refresh_rate", "0", *extra])
+                            "--progress_bar.refresh_rate", "0", "--trainer.logger", "false", *extra])
     return cli.model.results
 
 

@@ -1,4 +1,4 @@
-"""Reporting helpers shared by the conversion commands and callbacks: JSON figures and plots.
+"""JSON, markdown tables and plots for the conversion reports (:mod:`csdlab.eval.report`).
 
 Plots use matplotlib's Agg backend (no display; safe in DDP workers and CI). Every writer
 creates its parent folder and returns the path it wrote.
@@ -9,13 +9,30 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json", "plot_curves", "plot_bars", "format_table", "jsonable"]
+__all__ = ["write_json", "plot_curves", "plot_bars", "format_table", "jsonable", "check_writable"]
 
 log = logging.getLogger(__name__)
+
+
+def check_writable(directory: str | Path, what: str) -> None:
+    """Create ``directory`` and write a probe file into it, or raise ``ValueError`` naming the folder.
+
+    Called before a run computes anything (W&B would even fall back to the system temporary folder
+    when its ``save_dir`` is not writable, so the run would "succeed" and its files vanish)."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {d} is not writable ({e.strerror or e}); make it writable or point "
+                         f"the run elsewhere (--trainer.default_root_dir, the logger's save_dir, "
+                         f"--checkpoint.dirpath, --report.out_dir)") from e
 
 
 def jsonable(value: Any) -> Any:
