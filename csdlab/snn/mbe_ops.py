@@ -26,6 +26,7 @@ affine are not counted (the ANN side counts no element-wise work either).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -37,16 +38,40 @@ __all__ = ["MBEProduct", "MBESoftmax", "MBELayerNorm", "MBELinear", "and_events"
 LOG2E = 1.0 / math.log(2.0)
 
 
-def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> float:
-    """AND events of a spiking product with per-element spike counts of both operands.
+def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> Tensor:
+    """AND events of a spiking product with per-element spike counts of both operands (a 0-d
+    float64 tensor on their device).
 
     Element-wise: ``sum count_a count_b``. Matrix ``[.., n, p] @ [.., p, m]``: every pair
     ``(a_ik, b_kj)`` meets, so ``sum_ikj ca_ik cb_kj = sum_k (sum_i ca_ik)(sum_j cb_kj)``.
     """
     ca, cb = count_a.double(), count_b.double()
     if matmul:
-        return float((ca.sum(-2) * cb.sum(-1)).sum())
-    return float((ca * cb).sum())
+        return (ca.sum(-2) * cb.sum(-1)).sum()
+    return (ca * cb).sum()
+
+
+def _spikes(counts: Tensor) -> Tensor:
+    return counts.sum(dtype=torch.float64)
+
+
+class _Seen:
+    """The neuron inputs a module made from its input ``x`` in its last forward, kept only while a
+    counter watches it (forward hooks) and handed once to its ``count_ops``: the neurons then
+    answer from the counts they kept (:class:`~csdlab.snn.mbe.MBENeuron`) instead of a second lookup."""
+
+    def __init__(self) -> None:
+        self.ref: weakref.ref | None = None
+        self.tensors: tuple[Tensor, ...] = ()
+
+    def keep(self, module: nn.Module, x: Tensor, *tensors: Tensor) -> None:
+        if module._forward_hooks:
+            self.ref, self.tensors = weakref.ref(x), tensors
+
+    def take(self, x: Tensor) -> tuple[Tensor, ...] | None:
+        ref, tensors = self.ref, self.tensors
+        self.ref, self.tensors = None, ()
+        return tensors if ref is not None and ref() is x else None
 
 
 class MBEProduct(nn.Module):
@@ -72,10 +97,10 @@ class MBEProduct(nn.Module):
         out = ha @ hb if self.matmul else ha * hb
         return out if self.scale == 1.0 else out * self.scale
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, AND events + spikes of both encoders)``."""
         ca, cb = self.enc_a.spike_counts(inputs[0]), self.enc_b.spike_counts(inputs[1])
-        return 0.0, and_events(ca, cb, self.matmul) + float(ca.sum()) + float(cb.sum())
+        return 0.0, and_events(ca, cb, self.matmul) + _spikes(ca) + _spikes(cb)
 
     def extra_repr(self) -> str:
         return f"matmul={self.matmul}, scale={self.scale:.4g}"
@@ -93,6 +118,7 @@ class MBESoftmax(nn.Module):
     def __init__(self, exp2: MBENeuron, recip: MBENeuron, dim: int = -1) -> None:
         super().__init__()
         self.exp2, self.recip, self.dim = exp2, recip, dim
+        self._seen = _Seen()
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # the row max makes every exponent <= 0, so the row sum lies in [1, n]
@@ -106,17 +132,21 @@ class MBESoftmax(nn.Module):
         e = torch.ldexp(p, whole)  # exponent add
         mant, expo = torch.frexp(e.sum(self.dim, keepdim=True))  # accumulation; sum = M 2^E
         r = self.recip(mant)  # ~ 1/M in (1, 2]
+        self._seen.keep(self, x, frac, mant)
         # numerator x 1/sum: AND of the exp2 and recip trains, then one exponent add
         return torch.ldexp(p * r, whole - expo)
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, exp2 spikes (neuron + one AC each into the row sum) + recip spikes + AND events)``."""
         x = inputs[0]
-        whole, frac = self._split(x)
-        cp = self.exp2.spike_counts(frac)
-        mant, _ = torch.frexp(torch.ldexp(self.exp2(frac), whole).sum(self.dim, keepdim=True))
-        cr = self.recip.spike_counts(mant)
-        return 0.0, 2.0 * float(cp.sum()) + float(cr.sum()) + and_events(cp, cr, matmul=False)
+        seen = self._seen.take(x)
+        if seen is None:
+            whole, frac = self._split(x)
+            mant, _ = torch.frexp(torch.ldexp(self.exp2(frac), whole).sum(self.dim, keepdim=True))
+        else:
+            frac, mant = seen
+        cp, cr = self.exp2.spike_counts(frac), self.recip.spike_counts(mant)
+        return 0.0, 2.0 * _spikes(cp) + _spikes(cr) + and_events(cp, cr, matmul=False)
 
 
 class MBELayerNorm(nn.Module):
@@ -135,10 +165,12 @@ class MBELayerNorm(nn.Module):
             raise ValueError(f"MBE LayerNorm normalises one dimension, got normalized_shape={ln.normalized_shape}")
         self.weight, self.bias, self.eps = ln.weight, ln.bias, float(ln.eps)
         self.centred, self.rsqrt = centred, rsqrt
+        self._seen = _Seen()
 
-    def _var(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        xc = self.centred(x - x.mean(-1, keepdim=True))  # accumulation, then the identity train
-        return xc, (xc * xc).mean(-1, keepdim=True)  # square: AND of the train with itself
+    def _var(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xc_in = x - x.mean(-1, keepdim=True)  # accumulation
+        xc = self.centred(xc_in)  # the identity train
+        return xc_in, xc, (xc * xc).mean(-1, keepdim=True)  # square: AND of the train with itself
 
     @staticmethod
     def _even(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,9 +179,10 @@ class MBELayerNorm(nn.Module):
         return torch.where(odd, mant * 2, mant), torch.where(odd, expo - 1, expo)  # M in [0.5, 2), E even
 
     def forward(self, x: Tensor) -> Tensor:
-        xc, var = self._var(x)
+        xc_in, xc, var = self._var(x)
         mant, expo = self._even(var + self.eps)
         r = self.rsqrt(mant)  # ~ 1/sqrt(M)
+        self._seen.keep(self, x, xc_in, mant)
         y = torch.ldexp(xc * r, torch.div(-expo, 2, rounding_mode="floor"))  # product, exponent add
         if self.weight is not None:
             y = y * self.weight
@@ -157,16 +190,18 @@ class MBELayerNorm(nn.Module):
             y = y + self.bias
         return y
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, centred spikes + rsqrt spikes + AND events of the square and of the product)``."""
         x = inputs[0]
-        xc_in = x - x.mean(-1, keepdim=True)
-        cc = self.centred.spike_counts(xc_in)
-        xc, var = self._var(x)
-        mant, _ = self._even(var + self.eps)
-        cr = self.rsqrt.spike_counts(mant)
+        seen = self._seen.take(x)
+        if seen is None:
+            xc_in, _, var = self._var(x)
+            mant, _ = self._even(var + self.eps)
+        else:
+            xc_in, mant = seen
+        cc, cr = self.centred.spike_counts(xc_in), self.rsqrt.spike_counts(mant)
         ands = and_events(cc, cc, matmul=False) + and_events(cc, cr, matmul=False)
-        return 0.0, float(cc.sum()) + float(cr.sum()) + ands
+        return 0.0, _spikes(cc) + _spikes(cr) + ands
 
 
 class MBELinear(nn.Module):
@@ -186,10 +221,9 @@ class MBELinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.encoder(x))
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, spikes x (fan-out + 1))``: one AC per event and output, one in the neuron."""
-        events = float(self.encoder.spike_counts(inputs[0]).sum())
-        return 0.0, events * (self.linear.out_features + 1)
+        return 0.0, _spikes(self.encoder.spike_counts(inputs[0])) * (self.linear.out_features + 1)
 
 
 def identity_neuron(code: MBECode, scale: float = 1.0, fast: bool = True, exact: bool = False) -> MBENeuron:
