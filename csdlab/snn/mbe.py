@@ -197,14 +197,15 @@ class MBETable:
         return self._search(flat, j, 1 << self.steps >> 1, _take(self.padded, j + ((1 << self.steps >> 1) - 1))).view(z.shape)
 
     def _search(self, z: Tensor, j: Tensor, h: int, first: Tensor) -> Tensor:
-        # the binary search from its first step (of width h, against the bound ``first``)
-        j = j + (z >= first).long() * h if h > 1 else j + (z >= first)
-        h >>= 1
-        while h:
-            hit = z >= _take(self.padded, j + (h - 1))
-            j = j + hit.long() * h if h > 1 else j + hit
+        # the binary search from its first step (of width h, against the bound ``first``); j is
+        # owned here. Same-dtype in-place adds: an int64 + bool add takes a slow casting path on the CPU
+        while True:
+            step = (z >= first).long()
+            j += step.mul_(h) if h > 1 else step
             h >>= 1
-        return j
+            if not h:
+                return j
+            first = _take(self.padded, j + (h - 1))
 
     def lookup(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(biased[j], spikes[j])`` for the interval index ``j`` of every ``z`` (shape of ``z``)."""
@@ -232,7 +233,7 @@ def _cell(z: Tensor, origin: float, inv_width: float, cells: int) -> Tensor:
     return (z - origin).mul_(inv_width).clamp_(0, cells - 1).long()
 
 
-def _with_grid(tab: MBETable, max_cells: int = 1 << 21) -> MBETable:
+def _with_grid(tab: MBETable, max_cells: int = 1 << 20) -> MBETable:
     k = len(tab.bounds)
     if k < 2:
         return tab

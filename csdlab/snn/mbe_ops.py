@@ -45,14 +45,14 @@ def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> Tensor:
     Element-wise: ``sum count_a count_b``. Matrix ``[.., n, p] @ [.., p, m]``: every pair
     ``(a_ik, b_kj)`` meets, so ``sum_ikj ca_ik cb_kj = sum_k (sum_i ca_ik)(sum_j cb_kj)``.
     """
-    ca, cb = count_a.double(), count_b.double()
+    # integer arithmetic (exact; counts <= N T, so products of two fit int32), float64 at the end
     if matmul:
-        return (ca.sum(-2) * cb.sum(-1)).sum()
-    return (ca * cb).sum()
+        return (count_a.sum(-2, dtype=torch.int64) * count_b.sum(-1, dtype=torch.int64)).sum().double()
+    return (count_a * count_b).sum(dtype=torch.int64).double()
 
 
 def _spikes(counts: Tensor) -> Tensor:
-    return counts.sum(dtype=torch.float64)
+    return counts.sum(dtype=torch.int64).double()
 
 
 class _Seen:
