@@ -174,12 +174,12 @@ class MBETable:
     # uniform-grid index: cell(z) = clamp((z - origin) * inv_width, 0, G - 1), truncated, is monotone in
     # z, so the interval index of z is start[cell] + (the number of the cell's bounds <= z), and a
     # cell holds at most ``probes`` bounds. That count is a branchless binary search over the
-    # window padded[start .. start + 2^steps - 1) (later bounds and the +inf padding are > z):
+    # window padded[start .. start + 2^steps - 1) (later bounds are > z, the NaN padding never <= z):
     # ``steps`` = bit length of ``probes`` comparisons replace torch.bucketize's binary search.
     origin: float = 0.0
     inv_width: float = 0.0
     start: Tensor | None = None  # [G] int64: bounds whose cell is < c
-    padded: Tensor | None = None  # [K + 2^steps] bounds then +inf
+    padded: Tensor | None = None  # [K + 2^steps] bounds then NaN
     probes: int = 0
     steps: int = 0
     # float32 on the CPU, two cache-missing gathers per element: ``grid`` [G] int64 packs (start[c]
@@ -264,7 +264,8 @@ def _with_grid(tab: MBETable, max_cells: int = 1 << 20) -> MBETable:
         cells *= 2
     steps = probes.bit_length()  # a window of 2^steps - 1 >= probes bounds
     start = torch.cumsum(per_cell, 0) - per_cell
-    padded = torch.cat([tab.bounds, tab.bounds.new_full((1 << steps,), math.inf)])
+    # NaN, not +inf: z >= NaN is false for every z, z = +inf included (which +inf padding overcounted)
+    padded = torch.cat([tab.bounds, tab.bounds.new_full((1 << steps,), math.nan)])
     grid = packed = None
     if tab.bounds.dtype == torch.float32 and k < 2**31:
         flagged = start.int() | torch.where(per_cell > 1, -(1 << 31), 0).int()
