@@ -31,8 +31,10 @@ With ``k_th = k_r = k_d = ln 2`` a basis halves each step: the binary code of ``
 
 Exact fast path. Once fitted, the response of a basis is a fixed staircase of ``z``: every spike
 pattern is an interval of ``z`` (each step splits each interval at most once), so
-:meth:`MBECode.table` enumerates the intervals once and a forward pass is one ``torch.bucketize``
-plus a gather. The step-by-step simulation evaluates the firing condition
+:meth:`MBECode.table` enumerates the intervals once and a forward pass is an interval lookup
+(:class:`MBETable`: a uniform grid over the breakpoints, one comparison in a cell of at most one
+breakpoint, a short binary search in denser ones) and one gather of the output and spike count.
+The step-by-step simulation evaluates the firing condition
 ``u_n(t) >= theta_n(t)`` as ``sigma_n z >= (theta_n(t) + R_n(t)) - delta_n`` with
 ``R_n(t) = sum_{t'<t} s_n(t') r_n(t')`` the accumulated resets (the same inequality), which is what
 the table stores, so both paths give bit-identical outputs and spike counts.
@@ -42,8 +44,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -195,9 +197,9 @@ class MBETable:
         """Interval index of every ``z`` (``torch.bucketize(z, bounds, right=True)``)."""
         if self.start is None:
             return torch.bucketize(z.contiguous(), self.bounds, right=True)
-        flat = z.reshape(-1)
+        flat, h = z.reshape(-1), 1 << self.steps >> 1
         j = _take(self.start, _cell(flat, self.origin, self.inv_width, len(self.start)))
-        return self._search(flat, j, 1 << self.steps >> 1, _take(self.padded, j + ((1 << self.steps >> 1) - 1))).view(z.shape)
+        return self._search(flat, j, h, _take(self.padded, j + (h - 1))).view(z.shape)
 
     def _search(self, z: Tensor, j: Tensor, h: int, first: Tensor) -> Tensor:
         # the binary search from its first step (of width h, against the bound ``first``); j is
