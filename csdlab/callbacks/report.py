@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from csdlab.eval.report import write_report
-from csdlab.snn.checks import spike_driven_check
+from csdlab.eval.checks import spike_driven_check
 
 __all__ = ["ConversionReport", "log_images"]
 
@@ -64,12 +64,10 @@ class ConversionReport(Callback):
             with torch.no_grad():
                 report = spike_driven_check(snn, lambda s: s(x), exempt=snn.analog_layers())
             verdicts[v] = {"spike_driven": report.ok, "layers_checked": len(report.layers),
-                           "analog_inputs": report.violations,
-                           "exempt": [c.name for c in report.layers if c.exempt]}
-            # ECMT's level-weighted spikes (+-th 2^k) fail this binary check by design, like analog values
-            log.info("spike-driven check %s (%d layers): %s%s", v, len(report.layers), "pass" if report.ok else
-                     "non-binary input (graded spikes or analog values)", "" if report.ok else
-                     f" at {len(report.violations)} layers, e.g. {report.violations[:3]}")
+                           "analog_inputs": report.violations, "operands": report.operand_kinds(),
+                           "failed_sources": report.failed_sources,
+                           "exempt": [c.name for c in report.layers if c.exempt], "summary": report.summary()}
+            log.info("spike-driven check %s: %s", v, report.summary())
         return verdicts
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

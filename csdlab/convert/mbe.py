@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from csdlab.convert.passes import describe_modules, swap_modules, unknown_modules
 from csdlab.eval.api import AllReduce, Converter, SpikingModel
 from csdlab.snn.mbe import FIT_COMMAND, MBECode, MBENeuron, load_codes
-from csdlab.snn.mbe_ops import MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
+from csdlab.snn.mbe_ops import ANDProduct, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
 
 __all__ = ["MBEAttention", "MBEMlp", "MBESpikingModel", "MBEConverter", "convert_vit_mbe", "mbe_sites",
            "identity_sites", "set_ranges", "calibrate_ranges", "GROUPS"]
@@ -132,7 +132,7 @@ class MBEMlp(nn.Module):
 
 # modules allowed to remain after the swap: linear, constant over time, or converted
 _KNOWN = (VisionTransformer, Block, nn.Sequential, PatchEmbed, nn.Linear, nn.Conv2d, nn.Identity, nn.Dropout,
-          DropPath, LayerScale, MBEAttention, MBEMlp, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax,
+          DropPath, LayerScale, MBEAttention, MBEMlp, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax, ANDProduct,
           MBENeuron, nn.Softmax, nn.GELU)
 
 

@@ -16,14 +16,38 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["SpikingModel", "Converter", "AllReduce"]
+__all__ = ["SpikingModel", "Converter", "AllReduce", "GradedSpikeSource", "SpikeTrainSource"]
 
 # sums a tensor over every process (identity in a single process)
 AllReduce = Callable[[Tensor], Tensor]
+
+
+@runtime_checkable
+class GradedSpikeSource(Protocol):
+    """A neuron layer whose output is a graded spike: per neuron and step, one value of a finite
+    alphabet (ECMT's MT neuron: ``0``, ``th1 2^k``, ``-th2 2^k``). The spike-driven check
+    (:mod:`csdlab.eval.checks`) verifies every output entry against the alphabet."""
+
+    def spike_alphabet(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The values one neuron may send in one step (``0`` included), 1-D."""
+
+
+@runtime_checkable
+class SpikeTrainSource(Protocol):
+    """A neuron layer that emits binary trains over its own steps and passes on their linear
+    readout (MBE: ``T`` steps of ``N`` bases). The spike-driven check reruns the trains on the
+    layer's input and verifies the passed-on output equals their readout."""
+
+    def spike_trains(self, x: Tensor) -> Tensor:
+        """The binary spikes emitted for input ``x`` (``[T, N, *x.shape]``)."""
+
+    def decode(self, trains: Tensor, x: Tensor) -> Tensor:
+        """The value the receiver reconstructs from ``trains`` (shape and dtype of ``x``)."""
 
 
 class SpikingModel(nn.Module, ABC):

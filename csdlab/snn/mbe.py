@@ -588,6 +588,17 @@ class MBENeuron(base.MemoryModule):
         run_steps(self.normalise(x), theta, reset, intensity, weight, delta, sign, bias, record=rec)
         return torch.stack(rec)
 
+    def decode(self, trains: Tensor, x: Tensor) -> Tensor:
+        """What the receiver reconstructs from ``trains`` ``[T, N, *x.shape]``:
+        ``out_scale (c + sum_n w_n sum_t d_n(t) s_n(t))``, accumulated in :func:`run_steps`' order
+        (the spike-driven check compares it with what :meth:`forward` passed on)."""
+        _, _, intensity, weight, _, sign, bias = self.code.constants(x.dtype, x.device)
+        shape = (-1,) + (1,) * x.dim()
+        out = torch.zeros(trains.shape[1:], dtype=x.dtype, device=x.device)
+        for t in range(trains.shape[0]):
+            out = out + trains[t] * intensity[:, t].view(shape)
+        return (_sum_groups(out, weight, sign) + bias) * self.out_scale.to(x.dtype)
+
     def spike_counts(self, x: Tensor) -> Tensor:
         """Spikes per element (all bases and steps) for input ``x`` (0 when ``exact``)."""
         if self.exact:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from csdlab.snn.mbe import MBECode, MBENeuron
 
-__all__ = ["MBEProduct", "MBESoftmax", "MBELayerNorm", "MBELinear", "and_events"]
+__all__ = ["MBEProduct", "MBESoftmax", "MBELayerNorm", "MBELinear", "ANDProduct", "and_events"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -74,6 +74,27 @@ class _Seen:
         return tensors if ref is not None and ref() is x else None
 
 
+class ANDProduct(nn.Module):
+    """The synaptic product of two decoded spike trains, element-wise or ``@``.
+
+    A module of its own so that the spike-driven check sees its operands: each must be the readout
+    of an MBE neuron's binary trains (``sum_ij D_ij s(i) s'(j)`` with ``D`` separable is the product
+    of the two readouts). Its owner counts the AND events.
+    """
+
+    synaptic_product = True
+
+    def __init__(self, matmul: bool) -> None:
+        super().__init__()
+        self.matmul = matmul
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b if self.matmul else a * b
+
+    def extra_repr(self) -> str:
+        return "matmul" if self.matmul else "element-wise"
+
+
 class MBEProduct(nn.Module):
     """``scale * (enc_a(a) op enc_b(b))`` with ``op`` element-wise or ``@`` (docs/methods.md §4.3).
 
@@ -84,17 +105,14 @@ class MBEProduct(nn.Module):
         scale: constant factor (the attention scale; folded into ``D``).
     """
 
-    synaptic_product = True  # a product of two activations (the spike-driven check)
-    encodes_inputs = True  # both operands become spike trains before the AND
-
     def __init__(self, enc_a: MBENeuron, enc_b: MBENeuron, matmul: bool = True, scale: float = 1.0) -> None:
         super().__init__()
         self.enc_a, self.enc_b = enc_a, enc_b
         self.matmul, self.scale = matmul, float(scale)
+        self.product = ANDProduct(matmul)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        ha, hb = self.enc_a(a), self.enc_b(b)
-        out = ha @ hb if self.matmul else ha * hb
+        out = self.product(self.enc_a(a), self.enc_b(b))
         return out if self.scale == 1.0 else out * self.scale
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
@@ -118,6 +136,7 @@ class MBESoftmax(nn.Module):
     def __init__(self, exp2: MBENeuron, recip: MBENeuron, dim: int = -1) -> None:
         super().__init__()
         self.exp2, self.recip, self.dim = exp2, recip, dim
+        self.product = ANDProduct(matmul=False)
         self._seen = _Seen()
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,7 +153,7 @@ class MBESoftmax(nn.Module):
         r = self.recip(mant)  # ~ 1/M in (1, 2]
         self._seen.keep(self, x, frac, mant)
         # numerator x 1/sum: AND of the exp2 and recip trains, then one exponent add
-        return torch.ldexp(p * r, whole - expo)
+        return torch.ldexp(self.product(p, r), whole - expo)
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, exp2 spikes (neuron + one AC each into the row sum) + recip spikes + AND events)``."""
@@ -165,12 +184,13 @@ class MBELayerNorm(nn.Module):
             raise ValueError(f"MBE LayerNorm normalises one dimension, got normalized_shape={ln.normalized_shape}")
         self.weight, self.bias, self.eps = ln.weight, ln.bias, float(ln.eps)
         self.centred, self.rsqrt = centred, rsqrt
+        self.square, self.product = ANDProduct(matmul=False), ANDProduct(matmul=False)
         self._seen = _Seen()
 
     def _var(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         xc_in = x - x.mean(-1, keepdim=True)  # accumulation
         xc = self.centred(xc_in)  # the identity train
-        return xc_in, xc, (xc * xc).mean(-1, keepdim=True)  # square: AND of the train with itself
+        return xc_in, xc, self.square(xc, xc).mean(-1, keepdim=True)  # AND of the train with itself
 
     @staticmethod
     def _even(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,7 +203,7 @@ class MBELayerNorm(nn.Module):
         mant, expo = self._even(var + self.eps)
         r = self.rsqrt(mant)  # ~ 1/sqrt(M)
         self._seen.keep(self, x, xc_in, mant)
-        y = torch.ldexp(xc * r, torch.div(-expo, 2, rounding_mode="floor"))  # product, exponent add
+        y = torch.ldexp(self.product(xc, r), torch.div(-expo, 2, rounding_mode="floor"))  # exponent add
         if self.weight is not None:
             y = y * self.weight
         if self.bias is not None:
@@ -211,8 +231,6 @@ class MBELinear(nn.Module):
         linear: the ANN layer.
         encoder: the neuron whose spikes drive it (identity, or the GELU neuron).
     """
-
-    encodes_inputs = True  # the input becomes spikes before the synapses (the spike-driven check)
 
     def __init__(self, linear: nn.Linear, encoder: MBENeuron) -> None:
         super().__init__()

@@ -197,6 +197,14 @@ class MTNeuron(TimeFlatModule):
         self.spike_counts.zero_()
         self.neuron_steps.zero_()
 
+    def spike_alphabet(self, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+        """``0``, ``th1 2^k`` and ``-th2 2^k`` (``k < levels``) as :meth:`_fire` computes them in
+        ``dtype`` (the spike-driven check verifies outputs against it)."""
+        half_sum, half_diff, _ = self._constants(torch.empty((), dtype=dtype, device=device))
+        powers = torch.exp2(torch.arange(self.levels, dtype=dtype, device=device))
+        zero = torch.zeros(1, dtype=dtype, device=device)
+        return torch.cat([zero, powers * (half_sum + half_diff), powers * (-half_sum + half_diff)])
+
     def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, int]:
         """Spikes (non-zero outputs: at most one per neuron and step) and neuron-steps of the call
         that produced ``output``. A multi-step output is counted once, per row, for every counter

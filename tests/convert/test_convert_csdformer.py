@@ -13,7 +13,7 @@ from csdlab.convert.csdformer import SpikingCSDformer, convert_csdformer, load_s
 from csdlab.convert.passes import fold_batchnorm_, swap_modules
 from csdlab.energy import OpCounter, ann_macs, energy_ratio
 from csdlab.quant import ActQuantizer
-from csdlab.snn.checks import spike_driven_check
+from csdlab.eval.checks import spike_driven_check
 from csdlab.snn.neurons import DelayedIFNode
 
 # csdformer_tiny (2 blocks, 4 heads, pools in m3, m4) and a second layout: 2 blocks, 4 heads,

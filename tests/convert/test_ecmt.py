@@ -280,3 +280,39 @@ def test_mt_sites_of_a_converted_network() -> None:
     assert len(mt_sites(snn)) == 16 and list(mt_sites(snn)) == list(site_modules(snn))
     assert all(type(m).__name__ == "Identity" for m in site_modules(convert_vit(_tiny_vit(depth=1),
                                                                                spiking=False)).values())
+
+
+@pytest.mark.parametrize("multi_step", [True, False])
+def test_spike_driven_check_certifies_graded_spikes(multi_step: bool) -> None:
+    """Every Linear and EC product of the ECMT network reads graded spikes of its MT neuron's
+    alphabet (observed value by value); the EC-only network (no MT neurons) reads analog values."""
+    from csdlab.eval.checks import spike_driven_check
+
+    ann = _tiny_vit(depth=2)
+    x = _images(2)
+    snn = _calibrated(ann, T=4).convert(ann)["T4"]
+    if not multi_step:
+        snn = SpikingViT(snn.net, 4, multi_step=False)
+    report = spike_driven_check(snn, lambda s: s(x), exempt=snn.analog_layers())
+    assert report.ok, report.summary()
+    assert report.operand_kinds() == {"graded": sum(not c.exempt for c in report.layers)} == {"graded": 12}
+    assert {c.name for c in report.layers if c.kind == "ECMatMul"} == {f"net.blocks.{i}.attn.{p}" for i in (0, 1)
+                                                                       for p in ("qk", "av")}
+    assert all(s.calls and not s.failures for s in report.sources)
+
+    ec_only = SpikingViT(convert_vit(ann, spiking=False), 4, multi_step=multi_step)
+    report = spike_driven_check(ec_only, lambda s: s(x), exempt=ec_only.analog_layers())
+    assert not report.ok and "net.blocks.0.attn.qkv" in report.violations and not report.sources
+
+
+def test_spike_driven_check_sees_a_level_outside_the_alphabet() -> None:
+    from csdlab.eval.checks import spike_driven_check
+
+    ann = _tiny_vit(depth=1)
+    x = _images(2)
+    snn = _calibrated(ann, T=4).convert(ann)["T4"]
+    mt = snn.net.blocks[0].mlp.mt_fc1
+    mt.register_forward_hook(lambda m, i, o: o * 1.5)  # a payload the neuron cannot send
+    report = spike_driven_check(snn, lambda s: s(x), exempt=snn.analog_layers())
+    assert not report.ok and report.violations == ["net.blocks.0.mlp.fc1"]
+    assert [s.name for s in report.sources if s.failures] == ["net.blocks.0.mlp.mt_fc1"]

@@ -161,21 +161,41 @@ def test_converter_contract():
 
 
 @pytest.mark.parametrize("linear_inputs", [True, False])
-def test_spike_driven_check_sees_encoded_linear_inputs_and_products(linear_inputs):
-    from csdlab.snn.checks import spike_driven_check
+def test_spike_driven_check_watches_the_trains(linear_inputs):
+    from csdlab.eval.checks import spike_driven_check
 
     model = small_vit()
     snn = convert_vit_mbe(model, 8, 8, 4, linear_inputs=linear_inputs)
     x = torch.randn(2, 1, 16, 16)
     analog = [snn.patch_embed.proj, snn.head]
     report = spike_driven_check(snn, lambda s: s(x), exempt=analog)
-    encoded = sorted(c.name for c in report.layers if c.encoded)
-    # per block: qkv, proj, fc1, fc2 spike-encoded, and the products (q k^T, attn v, softmax and
-    # LayerNorm products); the Linear layers inside the encoders are not checked again
-    assert ("blocks.0.attn.qkv" in encoded) is linear_inputs
-    assert "blocks.0.attn.qkv.linear" not in [c.name for c in report.layers]
-    assert sum("blocks.1.attn" in n and "linear" not in n for n in encoded) >= 2
+    sites = {c.name: c for c in report.layers}
+    # every Linear and every product is a watched site: q k^T, attn v, the softmax numerator x
+    # 1/sum, LayerNorm's square and its (x - mu) x 1/sqrt(var)
+    for name in ("blocks.0.attn.qkv.linear", "blocks.0.mlp.fc2.linear", "blocks.0.attn.qk.product",
+                 "blocks.0.attn.av.product", "blocks.0.attn.softmax.product", "blocks.0.norm1.square",
+                 "blocks.0.norm1.product", "norm.product"):
+        if not linear_inputs and name == "blocks.0.attn.qkv.linear":
+            name = "blocks.0.attn.qkv"  # a plain Linear again
+        assert sites[name].calls == 1, name
+    assert all(not s.failures for s in report.sources)
+    assert {"readout"} == sites["blocks.0.attn.qk.product"].operands
     if linear_inputs:
-        assert report.ok, report.violations
-    else:  # without spiking linear inputs, qkv / proj / fc1 / fc2 read analog values: the check says so
+        assert report.ok, report.summary()
+        assert report.operand_kinds() == {"readout": len(report.layers) - 2}
+    else:  # qkv / proj / fc1 / fc2 read analog values: the check sees it
         assert not report.ok and "blocks.0.attn.qkv" in report.violations
+
+
+def test_spike_driven_check_fails_exact_neurons():
+    """Neurons replaced by their exact functions pass on values that no binary train decodes to."""
+    from csdlab.eval.checks import spike_driven_check
+
+    model = small_vit()
+    x = torch.randn(2, 1, 16, 16)
+    snn = convert_vit_mbe(model, 8, 8, 4, exact=True)
+    report = spike_driven_check(snn, lambda s: s(x), exempt=[snn.patch_embed.proj, snn.head])
+    assert not report.ok
+    assert len(report.violations) == len(report.layers) - 2  # every non-exempt site
+    assert all(s.failures == ["output is not the readout of its spike trains"] for s in report.sources)
+    assert report.summary().startswith("FAIL")
