@@ -538,6 +538,11 @@ class MBENeuron(base.MemoryModule):
         super().reset()
         self._record = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_record"] = None  # a weak reference does not pickle, and the record is not state
+        return state
+
     def _remember(self, x: Tensor, counts: Tensor) -> None:
         me = weakref.ref(self)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +68,9 @@ class _Seen:
     def keep(self, module: nn.Module, x: Tensor, *tensors: Tensor) -> None:
         if module._forward_hooks:
             self.ref, self.tensors = weakref.ref(x), tensors
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"ref": None, "tensors": ()}  # a weak reference does not pickle; nothing here is state
 
     def take(self, x: Tensor) -> tuple[Tensor, ...] | None:
         ref, tensors = self.ref, self.tensors

@@ -200,3 +200,27 @@ def test_counts_kept_for_the_counters_only_while_watched():
     del x
     assert n._record is None  # the record went with its tensor
     h.remove()
+
+
+def test_neuron_with_kept_counts_pickles():
+    import io
+    import pickle
+
+    n = MBENeuron(load_code("identity", 8, 8))
+    hook = n.register_forward_hook(lambda *a: None)
+    x = torch.linspace(-1, 1, 11)
+    n(x)
+    hook.remove()
+    assert n._record is not None
+    buf = io.BytesIO()
+    torch.save(n, buf)
+    copy = pickle.loads(pickle.dumps(n))
+    assert copy._record is None and torch.equal(copy(x), n(x))
+    from csdlab.snn.mbe_ops import MBESoftmax
+
+    sm = MBESoftmax(MBENeuron(load_code("exp2", 8, 8)), MBENeuron(load_code("recip", 8, 8)))
+    hook = sm.register_forward_hook(lambda *a: None)
+    scores = torch.randn(2, 5)
+    sm(scores)
+    hook.remove()
+    assert sm._seen.ref is not None and pickle.loads(pickle.dumps(sm))._seen.ref is None
