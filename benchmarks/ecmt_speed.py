@@ -46,8 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from csdlab.convert.ecmt import ECMTConverter, SpikingViT
-from csdlab.energy import OpCounter
-from csdlab.eval.metrics import FiringCounter
+from csdlab.eval.counters import SimulationCounters
 
 from _timing import LiveTensorPeak  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -117,8 +116,7 @@ def rss_peak_mib(fn: Callable[[], Any]) -> tuple[float, float]:
 def eval_counting(snn: SpikingViT) -> Iterator[None]:
     """The counters ``csdlab.eval`` wraps every simulation in (``ConversionMetrics``), unchanged:
     firing per MT site and MACs / ACs per step of every layer."""
-    ops = OpCounter(snn, analog=snn.analog_layers(), steps=snn.time_steps, time_flattened=snn.time_flattened())
-    with FiringCounter(snn.sites()), ops:
+    with SimulationCounters(snn):
         yield
 
 
@@ -325,7 +323,9 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak": peak, "before": before, "total": total}))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``benchmarks/gpu_check.py`` parses its own settings with it and calls
+    :func:`speed`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=lambda s: s.split(","), default=["fmnist", "vit_small_patch16_224"],
                         help="comma-separated: fmnist (the trained asset) and/or timm ViT names")
@@ -347,7 +347,11 @@ def main() -> None:
                         help="torch CPU threads (1: on a shared machine, 2 threads wait on each other)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("csdlab").setLevel(logging.WARNING)
     if args.threads:

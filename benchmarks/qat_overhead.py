@@ -23,6 +23,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import timm
 import torch
@@ -47,13 +48,18 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callabl
     return step
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p, repeats=30)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--img-size", type=int, default=28)
     p.add_argument("--compile-model", action="store_true", help="also time both models under torch.compile")
-    a = p.parse_args()
+    return p
+
+
+def measure(a: argparse.Namespace) -> dict[str, Any]:
+    """Median step time of every candidate (``benchmarks/gpu_check.py`` calls this); ``ratio``:
+    qat / float (the default training paths)."""
     device = setup(a)
     kw = dict(num_classes=10, img_size=a.img_size, in_chans=1, pool_stages=[2, 3], levels=4)
     x = torch.randn(a.batch, 1, a.img_size, a.img_size, device=device)
@@ -77,10 +83,17 @@ def main() -> None:
         step()
         log.info("first step %-15s %6.1f s", name, time.perf_counter() - t0)
     med = medians(interleaved(steps, a.repeats, device, a.warmup))
+    return {"device": str(device), "seconds": med, "compiled_kernels": compile_enabled(),
+            "ratio": med["qat"] / med["float"]}
 
+
+def main() -> None:
+    a = build_parser().parse_args()
+    res = measure(a)
+    med = res["seconds"]
     log.info("csdformer_tiny (fmnist config), batch %d, %dx%d, %s, %d threads, %d interleaved rounds",
-             a.batch, a.img_size, a.img_size, device, torch.get_num_threads(), a.repeats)
-    log.info("quantizer kernels compiled: %s", compile_enabled())
+             a.batch, a.img_size, a.img_size, res["device"], torch.get_num_threads(), a.repeats)
+    log.info("quantizer kernels compiled: %s", res["compiled_kernels"])
     for name, sec in med.items():
         log.info("%-15s step %8.1f ms", name, 1e3 * sec)
     log.info("eager:    qat / float = %.3f   qat-eager / float = %.3f",
@@ -88,7 +101,7 @@ def main() -> None:
     if a.compile_model:
         log.info("compiled: qat-compiled / float-compiled = %.3f   (float-compiled / float = %.3f)",
                  med["qat-compiled"] / med["float-compiled"], med["float-compiled"] / med["float"])
-    print_ratio(med["qat"] / med["float"])
+    print_ratio(res["ratio"])
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ class CSDformerConverter(Converter):
 
     name = "csdformer"
     reference_name = "QANN"
+    accepts = "csdformer"
 
     def __init__(self, delay: int = 3, delays: list[int] | None = None, time_steps: int | None = None,
                  allow_time_steps_mismatch: bool = False) -> None:

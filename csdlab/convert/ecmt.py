@@ -313,6 +313,14 @@ class SpikingViT(SpikingModel):
         heads = [self.net.head] + ([self.net.head_dist] if hasattr(self.net, "head_dist") else [])
         return layers + [m for h in heads for m in h.modules() if isinstance(m, nn.Linear)]
 
+    def uncounted_modules(self) -> dict[nn.Module, str]:
+        out = {self.net: "class token and position embedding: additions (not counted on either side)"}
+        for ec in self.net.modules():
+            if isinstance(ec, ECFunction):
+                out.update({m: "EC function F (a norm's affine): element-wise, not counted on either side"
+                            for m in ec.fn.modules() if any(True for _ in m.parameters(recurse=False))})
+        return out
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """Reset, simulate T steps on ``images [B, C, H, W]`` (fed at every step), return the
@@ -418,6 +426,8 @@ def percentile_pair(x: Tensor, p: float) -> Tensor:
     k_hi, k_lo = _rank(p, n), _rank(100 - p, n)
     if n <= _EXACT_BELOW:
         return torch.stack([flat.kthvalue(k_hi).values, flat.kthvalue(k_lo).values])
+    if flat.device.type != "cpu":
+        return _topk_pair(flat, n - k_hi + 1, k_lo)
     sample = _sample(flat)
     r_hi, r_lo = n - k_hi + 1, k_lo  # ranks from the top / from the bottom
     hi_bound, lo_bound = _tail_bound(flat, sample, r_hi, True), _tail_bound(flat, sample, r_lo, False)
@@ -429,6 +439,15 @@ def percentile_pair(x: Tensor, p: float) -> Tensor:
         if int(torch.ge(tails, hi_bound).sum()) >= r_hi and int(torch.le(tails, lo_bound).sum()) >= r_lo:
             return torch.stack([tails.kthvalue(c - r_hi + 1).values, tails.kthvalue(r_lo).values])
     return torch.stack([_kth_smallest(flat, k_hi), _kth_smallest(flat, k_lo)])  # the bounds missed (rare)
+
+
+def _topk_pair(flat: Tensor, r_hi: int, r_lo: int) -> Tensor:
+    """``[r_hi-th largest, r_lo-th smallest]`` of ``flat`` by ``topk`` of each tail: the path off
+    the CPU, where boolean selection reads its size on the host (a synchronisation per site) and
+    ``kthvalue`` runs one thread block per slice. The same values as :func:`percentile_pair`'s."""
+    hi = flat.topk(r_hi, largest=True, sorted=False).values.amin()
+    lo = flat.topk(r_lo, largest=False, sorted=False).values.amax()
+    return torch.stack([hi, lo])
 
 
 def percentile(x: Tensor, q: float) -> Tensor:
@@ -491,6 +510,7 @@ class ECMTConverter(Converter):
     """
 
     name = "ecmt"
+    needs_calibration = True
 
     def __init__(self, T: int = 8, levels: int = 8, percentile: float = 99.0,
                  softmax_threshold: float | None = 0.0125, gelu_thresholds: tuple[float, float] | None = None,

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SpikingModel", "Converter", "AllReduce", "GradedSpikeSource", "SpikeTrainSource"]
+__all__ = ["SpikingModel", "Converter", "CONVERTERS", "AllReduce", "GradedSpikeSource", "SpikeTrainSource"]
 
 # sums a tensor over every process (identity in a single process)
 AllReduce = Callable[[Tensor], Tensor]
@@ -77,10 +77,16 @@ class SpikingModel(nn.Module, ABC):
     def analog_layers(self) -> list[nn.Module]:
         """Conv2d / Linear layers whose input is analog (they cost MACs, not ACs).
 
-        Energy (``csdlab.energy.OpCounter``): every other Conv2d / Linear costs one AC per non-zero
+        Energy (``csdlab.eval.counters.OpCounter``): every other Conv2d / Linear costs one AC per non-zero
         input event x its actual fan-out; a module that defines ``count_ops(inputs, output) ->
         (macs, acs)`` (floats, or 1-D tensors with one entry per time step) counts itself and the
         counter does not descend into its children."""
+
+    def uncounted_modules(self) -> dict[nn.Module, str]:
+        """Modules with parameters of their own that do no counted work, each with the reason (the
+        class and position embeddings: additions; LayerNorm affines that both sides leave out).
+        The op counter raises for any other parameterised module it cannot count."""
+        return {}
 
     @property
     def latency(self) -> int:
@@ -91,6 +97,10 @@ class SpikingModel(nn.Module, ABC):
         """True when layers run once on a ``[T*B, ...]`` batch (multi-step), False when they are
         called once per step on ``[B, ...]``; the op counter splits counts per step accordingly."""
         return False
+
+
+#: every concrete converter class by its ``name`` (filled as csdlab.convert's modules are imported)
+CONVERTERS: dict[str, type[Converter]] = {}
 
 
 class Converter(ABC):
@@ -104,6 +114,16 @@ class Converter(ABC):
     name: str = "snn"
     #: what the SNN is compared with (agreement, logit error): the converted network itself
     reference_name: str = "ANN"
+    #: what it converts: ``vit`` (a float timm VisionTransformer) or ``csdformer`` (a quantized
+    #: CSDformer); the contract test builds one of each kind for every registered converter
+    accepts: str = "vit"
+    #: whether :meth:`calibrate` must run on training images before :meth:`convert`
+    needs_calibration: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls, "__abstractmethods__", None):
+            CONVERTERS[cls.name] = cls
 
     def check(self, model: nn.Module) -> None:
         """Raise ``ValueError`` (naming the problem and the fix) if ``model`` cannot be converted.
@@ -115,10 +135,6 @@ class Converter(ABC):
         must go through ``all_reduce`` so every process ends with the same constants. Returns a
         JSON-able summary (thresholds, ranges). Default: nothing to calibrate."""
         return {}
-
-    @property
-    def needs_calibration(self) -> bool:
-        return type(self).calibrate is not Converter.calibrate
 
     @abstractmethod
     def convert(self, model: nn.Module) -> dict[str, SpikingModel]:

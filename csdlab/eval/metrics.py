@@ -30,11 +30,10 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from csdlab.energy import E_AC_PJ, E_MAC_PJ, OpCounter, ann_macs
 from csdlab.eval.api import SpikingModel
-from csdlab.snn.counting import nonzero_per_row
+from csdlab.eval.counters import SimulationCounters, ann_macs, energy_ratio
 
-__all__ = ["VectorSum", "ConversionMetrics", "FiringCounter", "check_finite"]
+__all__ = ["VectorSum", "ConversionMetrics", "check_finite"]
 
 
 class VectorSum(Metric):
@@ -51,38 +50,6 @@ class VectorSum(Metric):
 
     def compute(self) -> Tensor:
         return self.total
-
-
-class FiringCounter:
-    """Counts events and neuron-steps at each site while entered (forward hooks).
-
-    A site with ``count_events(inputs, output)`` counts itself; otherwise events are the non-zero
-    entries of its output and neuron-steps its ``numel``. Counts stay on the device (no host sync).
-    """
-
-    def __init__(self, sites: Mapping[str, nn.Module], device: torch.device | str = "cpu") -> None:
-        self.sites = dict(sites)
-        self.counts = torch.zeros(2, len(self.sites), dtype=torch.float64, device=device)
-        self._handles: list[Any] = []
-
-    def _hook(self, i: int):
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-            if hasattr(mod, "count_events"):
-                events, steps = mod.count_events(inputs, output)
-            else:
-                events, steps = nonzero_per_row(output.reshape(1, -1))[0], output.numel()
-            self.counts[0, i] += events
-            self.counts[1, i] += steps
-        return hook
-
-    def __enter__(self) -> FiringCounter:
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.sites.values())]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 def check_finite(x: Tensor, what: str = "input batch") -> None:
@@ -143,14 +110,12 @@ class ConversionMetrics(nn.Module):
             if self._ann_macs_per_image is None:
                 # dense MACs do not depend on the data: count once, on one image
                 self._ann_macs_per_image = ann_macs(reference, x[:1])
-            self.ann_ops.update(torch.tensor([self._ann_macs_per_image * len(x), float(len(x))]))
+            self.ann_ops.update(torch.tensor([self._ann_macs_per_image * len(x), float(len(x))], device=x.device))
             for v in self.labels:
                 self._update_variant(v, snns[v], x, y, ref)
 
     def _update_variant(self, v: str, snn: SpikingModel, x: Tensor, y: Tensor, ref: Tensor) -> None:
-        ops = OpCounter(snn, analog=snn.analog_layers(), steps=self.time_steps[v],
-                        time_flattened=snn.time_flattened())
-        with FiringCounter(snn.sites(), device=x.device) as firing, ops:
+        with SimulationCounters(snn, device=x.device) as counters:
             readout = snn(x)  # [len(readout_steps), B, K]
         if readout.shape[0] != len(self.readout_steps[v]):
             raise RuntimeError(f"variant {v} returned {readout.shape[0]} readouts, expected "
@@ -161,8 +126,8 @@ class ConversionMetrics(nn.Module):
         final = readout[-1]
         self.agreement[v].update((final.argmax(-1) == ref.argmax(-1)).float())
         self.max_diff[v].update((final - ref).abs().max())
-        self.firing[v].update(firing.counts.flatten())
-        self.ops[v].update(ops.per_step.flatten())
+        self.firing[v].update(counters.firing.counts.flatten())
+        self.ops[v].update(counters.ops.per_step.flatten())
 
     def compute(self) -> dict[str, float]:
         """Every figure as a float (identical on every rank)."""
@@ -185,7 +150,7 @@ class ConversionMetrics(nn.Module):
             for name, (events, n) in zip(self.site_names[v], counts.T.tolist(), strict=True):
                 out[f"snn/{v}/firing_rate/{name}"] = events / max(n, 1)
             macs, acs = self.ops[v].compute().view(2, -1)
-            energy = (macs * E_MAC_PJ + acs * E_AC_PJ).cumsum(0) / max(ann_macs_total * E_MAC_PJ, 1e-30)
+            energy = energy_ratio(macs, acs, max(ann_macs_total, 1e-30)).cumsum(0)
             for t in steps:
                 out[f"energy/{v}/ratio_t{t}"] = float(energy[t - 1])
             out[f"energy/{v}/ratio"] = float(energy[-1])

@@ -19,19 +19,25 @@ A spike tensor is usually counted twice (the firing counter at the neuron, the o
 layer it feeds). :func:`record_nonzero_rows` lets the producer of a tensor mark it as final;
 :func:`nonzero_per_row` then counts that tensor object once and answers every later request from
 the record. A record is the producer's promise that the tensor is not modified afterwards; it
-disappears with the tensor.
+disappears with the tensor, and every record with the counting (:func:`counting_cache`, entered by
+the evaluation's counters): nothing is kept in module state between evaluations.
 """
 
 from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["count_spikes", "nonzero_per_row", "record_nonzero_rows", "conv_cover", "synaptic_events"]
+__all__ = ["count_spikes", "nonzero_per_row", "record_nonzero_rows", "counting_cache", "counting_active", "CountCache",
+           "conv_cover",
+           "synaptic_events", "bincount_below"]
 
 _CHUNK = 1 << 24  # float32 represents every integer up to 2^24 exactly
 
@@ -55,20 +61,82 @@ def count_spikes(x: Tensor) -> Tensor:
     return _exact_row_sums(x.reshape(1, -1).to(acc))[0]
 
 
-# id(tensor) -> [weak reference to it, its per-row counts once first asked for (None before)]
-_RECORDS: dict[int, list[Any]] = {}
+class CountCache:
+    """The non-zero counts of recorded tensors and a reused 0/1 scratch buffer, for as long as one
+    set of counters is counting (:func:`counting_cache`)."""
+
+    #: elements of the scratch buffer: a fresh large buffer per count costs more in page faults
+    #: (the allocator returns it to the system) than the comparison itself
+    SCRATCH_ELEMS = 1 << 20
+
+    def __init__(self) -> None:
+        # id(tensor) -> [weak reference to it, its per-row counts once first asked for (None before)]
+        self.records: dict[int, list[Any]] = {}
+        self.scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def record(self, x: Tensor) -> None:
+        key = id(x)
+        self.records[key] = [weakref.ref(x, lambda _ref, key=key: self.records.pop(key, None)), None]
+
+    def lookup(self, x: Tensor) -> list[Any] | None:
+        record = self.records.get(id(x))
+        return record if record is not None and record[0]() is x else None
+
+    def buffer(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        buf = self.scratch.get((device, dtype))
+        if buf is None:
+            # a normal tensor, even when first asked for under inference mode: an inference tensor
+            # could not be written outside inference mode (the training-time conversion callback)
+            with torch.inference_mode(False):
+                buf = self.scratch[(device, dtype)] = torch.empty(self.SCRATCH_ELEMS, dtype=dtype, device=device)
+        return buf
+
+
+def bincount_below(x: Tensor, bins: int) -> Tensor:
+    """``torch.bincount(x, minlength=bins)`` for integers ``x`` known to lie in ``[0, bins)``:
+    ``[bins]`` int64 on ``x``'s device. Off the CPU without ``bincount``, which reads ``x.max()``
+    on the host to size its output (a synchronisation per call)."""
+    x = x.flatten()
+    if x.device.type == "cpu":
+        return torch.bincount(x, minlength=bins)
+    ones = torch.ones((), dtype=torch.int64, device=x.device).expand(x.numel())
+    return torch.zeros(bins, dtype=torch.int64, device=x.device).index_add_(0, x, ones)
+
+
+_ACTIVE: ContextVar[CountCache | None] = ContextVar("csdlab_count_cache", default=None)
+
+
+@contextmanager
+def counting_cache() -> Iterator[CountCache]:
+    """Counts made inside are shared through one :class:`CountCache`, dropped on exit (the
+    evaluation's counters enter it around every simulation)."""
+    cache = CountCache()
+    token = _ACTIVE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.reset(token)
+        cache.records.clear()
+        cache.scratch.clear()
+
+
+def counting_active() -> bool:
+    """Whether the evaluation's counters are counting now (inside :func:`counting_cache`): producers
+    keep what the counters will ask for only then."""
+    return _ACTIVE.get() is not None
 
 
 def record_nonzero_rows(x: Tensor) -> None:
-    """Mark the tensor object ``x`` as final: its non-zero counts per row (dim 0) are computed on
-    the first :func:`nonzero_per_row` of ``x`` and kept.
+    """Mark the tensor object ``x`` as final while counters are counting: its non-zero counts per row
+    (dim 0) are computed on the first :func:`nonzero_per_row` of ``x`` and kept (no-op otherwise).
 
     The caller (the producer of ``x``) promises that ``x`` is not modified in place afterwards. The
-    record goes when ``x`` is garbage-collected (no version counter is needed, so it works under
-    ``torch.inference_mode``).
+    record goes when ``x`` is garbage-collected or the counting ends (no version counter is needed,
+    so it works under ``torch.inference_mode``).
     """
-    key = id(x)
-    _RECORDS[key] = [weakref.ref(x, lambda _ref, key=key: _RECORDS.pop(key, None)), None]
+    cache = _ACTIVE.get()
+    if cache is not None:
+        cache.record(x)
 
 
 def nonzero_per_row(x: Tensor) -> Tensor:
@@ -78,21 +146,16 @@ def nonzero_per_row(x: Tensor) -> Tensor:
 
     Returns ``[x.shape[0]]`` float64 on ``x``'s device.
     """
-    record = _RECORDS.get(id(x))
-    if record is not None and record[0]() is x:
-        if record[1] is None:
-            record[1] = _count_rows(x)
-        return record[1]
-    return _count_rows(x)
+    cache = _ACTIVE.get()
+    record = cache.lookup(x) if cache is not None else None
+    if record is None:
+        return _count_rows(x, cache)
+    if record[1] is None:
+        record[1] = _count_rows(x, cache)
+    return record[1]
 
 
-#: elements of the reused 0/1 scratch buffer: a fresh large buffer per count costs more in page
-#: faults (the allocator returns it to the system) than the comparison itself
-_SCRATCH_ELEMS = 1 << 20
-_SCRATCH: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def _count_rows(x: Tensor) -> Tensor:
+def _count_rows(x: Tensor, cache: CountCache | None) -> Tensor:
     x = x.detach()
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows = x.shape[0]
@@ -100,17 +163,11 @@ def _count_rows(x: Tensor) -> Tensor:
         return torch.zeros(rows, dtype=torch.float64, device=x.device)
     flat = x.reshape(rows, -1)
     width = flat.shape[1]
-    if width > _SCRATCH_ELEMS or x.device.type != "cpu":
+    if cache is None or width > CountCache.SCRATCH_ELEMS or x.device.type != "cpu":
         mask = torch.ne(flat, 0, out=torch.empty(flat.shape, dtype=dtype, device=x.device))  # 1.0 / 0.0
         return _exact_row_sums(mask)
-    key = (x.device, dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None:
-        # a normal tensor, even when first asked for under inference mode: an inference tensor
-        # could not be written outside inference mode (the training-time conversion callback)
-        with torch.inference_mode(False):
-            buf = _SCRATCH[key] = torch.empty(_SCRATCH_ELEMS, dtype=dtype, device=x.device)
-    step = _SCRATCH_ELEMS // width
+    buf = cache.buffer(x.device, dtype)
+    step = CountCache.SCRATCH_ELEMS // width
     counts = []
     for i in range(0, rows, step):  # blocks of whole rows through the scratch buffer
         part = flat[i:i + step]
@@ -168,6 +225,22 @@ def conv_cover(conv: nn.Conv2d, hw: tuple[int, int]) -> Tensor:
     return _cover_cached(tuple(hw), out_hw, k, s, p, d)
 
 
+#: conv_cover copied to a device once per geometry: a copy per call would be a host-to-device
+#: transfer, i.e. a synchronisation, per layer and batch
+_DEVICE_COVERS: dict[tuple[Any, ...], Tensor] = {}
+
+
+def _cover_on(conv: nn.Conv2d, hw: tuple[int, int], device: torch.device) -> Tensor:
+    """:func:`conv_cover` on ``device`` (float64 there; the CPU tensor itself on the CPU)."""
+    if device.type == "cpu":
+        return conv_cover(conv, hw)
+    key = (device, hw, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+    cover = _DEVICE_COVERS.get(key)
+    if cover is None:
+        cover = _DEVICE_COVERS[key] = conv_cover(conv, hw).to(device, torch.float64)
+    return cover
+
+
 def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
     """Synaptic operations of an event-driven Conv2d / Linear: for every row (dim 0) of ``x``, the
     sum over non-zero input entries of the number of outputs each one reaches. ``[N]``, float64.
@@ -188,6 +261,6 @@ def synaptic_events(module: nn.Module, x: Tensor) -> Tensor:
         # [N, H, W]: events over channels (<= C_in, exact); C_in times smaller than x, so the
         # weighted sum runs in float64, exact however large the window counts get
         per_position = mask.sum(1).to(torch.float64)
-        cover = conv_cover(module, tuple(x.shape[-2:])).to(per_position)  # [H, W]
+        cover = _cover_on(module, tuple(x.shape[-2:]), x.device).to(per_position)  # [H, W]
         return per_position.mul_(cover).flatten(1).sum(1) * (module.out_channels // module.groups)
     raise TypeError(f"synaptic_events takes nn.Conv2d or nn.Linear, got {type(module).__name__}")

@@ -85,11 +85,17 @@ def _check_state(module: TimeFlatModule, t0: int, kept: object) -> None:
                            f"before simulating more steps")
 
 
-def _step_column(t0: int, steps: int, like: Tensor, values: list[float] | None = None) -> Tensor:
-    """``[steps, 1, ..., 1]`` tensor of ``t0+1 .. t0+steps`` (or of ``values``) in ``like``'s dtype."""
-    data = values if values is not None else [float(t) for t in range(t0 + 1, t0 + steps + 1)]
-    # python floats cast to the tensor dtype: the same rounding as a python scalar operand
-    return torch.tensor(data, dtype=torch.float64).to(like).view(-1, *[1] * (like.dim() - 1))
+def _step_column(t0: int, steps: int, like: Tensor, scale: float | None = None) -> Tensor:
+    """``[steps, 1, ..., 1]`` tensor of ``t0+1 .. t0+steps`` (or of ``scale / t``) in ``like``'s dtype.
+
+    Made on ``like``'s device (a list copied from the host would synchronise with a GPU at every
+    call). Float64 values cast to the tensor dtype: the same rounding as a python scalar operand;
+    ``scale / t`` is a true float64 division, as python's (``scale / tensor`` would multiply by
+    the reciprocal)."""
+    t = torch.arange(t0 + 1, t0 + steps + 1, dtype=torch.float64, device=like.device)
+    if scale is not None:
+        t = torch.full_like(t, scale).div_(t)
+    return t.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
 
 
 def _differences_(cur: Tensor, prev: Tensor | None) -> Tensor:
@@ -208,15 +214,14 @@ class ECMatMul(TimeFlatModule):
             return (cur,), ((a[0], b[0], cur[0]) if self.keep_state else (None, None, None)) + (1,)
         sum_a, sum_b = running_sum(a, sa), running_sum(b, sb)  # [T, B, ..., n, p], [T, B, ..., p, m]
         cur = torch.matmul(sum_a, sum_b)  # one batched product for all T steps
-        factors = [self.scale / t for t in range(t0 + 1, t0 + steps + 1)]  # c / t, as single-step
-        cur.mul_(_step_column(t0, steps, cur, factors))
+        cur.mul_(_step_column(t0, steps, cur, self.scale))  # c / t, as single-step
         if self.keep_state:
             states = (sum_a[-1].clone(), sum_b[-1].clone(), cur[-1].clone(), t0 + steps)
         else:
             states = (None, None, None, t0 + steps)
         return (_differences_(cur, prev),), states
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float | Tensor, float | Tensor]:
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, Tensor]:
         """Operations of the call just run: ``(MACs, ACs)`` by paper Eqs. 43-44.
 
         For ``[.., n, p] @ [.., p, m]`` with event fractions ``eta_a``, ``eta_b``: ACs
@@ -225,21 +230,22 @@ class ECMatMul(TimeFlatModule):
         scalings plus ``n m`` for the ``1/t`` scaling.
 
         Returns:
-            Floats after a single-step call; after a multi-step call of ``T`` steps, two float64
-            tensors ``[T]`` (one entry per step, event fractions measured per step).
+            0-d float64 tensors after a single-step call; after a multi-step call of ``T`` steps,
+            two float64 tensors ``[T]`` (one entry per step, event fractions measured per step).
         """
         a, b = inputs[:2]
         n, p, m = a.shape[-2], a.shape[-1], b.shape[-1]
         if self.step_mode == "s":
             batch = output.numel() / (n * m)  # leading (batch, head) dimensions
-            eta_a = float(torch.count_nonzero(a.bool())) / a.numel()
-            eta_b = float(torch.count_nonzero(b.bool())) / b.numel()
+            # float64 tensors on the device (one call per step: no host synchronisation there)
+            eta_a = torch.count_nonzero(a).double() / a.numel()
+            eta_b = torch.count_nonzero(b).double() / b.numel()
             if self.t <= 1:
                 acs = eta_a * eta_b * n * p * m + n * m
-                macs = min(eta_a, eta_b) * n * m + n * m
+                macs = torch.minimum(eta_a, eta_b) * n * m + n * m
             else:
                 acs = (eta_a * eta_b + eta_a + eta_b) * n * p * m + 3 * n * m
-                macs = (min(eta_a, eta_b) + eta_a + eta_b) * n * m + n * m
+                macs = (torch.minimum(eta_a, eta_b) + eta_a + eta_b) * n * m + n * m
             return macs * batch, acs * batch
         steps = self.steps_per_call(a)
         batch = output.numel() / (steps * n * m)

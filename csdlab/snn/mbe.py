@@ -56,6 +56,8 @@ from spikingjelly.activation_based import base
 from torch import Tensor
 from torch.nn import functional as F
 
+from csdlab.snn.counting import counting_active
+
 __all__ = ["MBECode", "MBETable", "MBENeuron", "PRIMITIVES", "Primitive", "run_steps", "decay", "load_codes",
            "load_code", "table_path", "FIT_COMMAND"]
 
@@ -497,11 +499,11 @@ class MBENeuron(base.MemoryModule):
     Memories: ``v``, the membranes ``[N, *x.shape]`` after the last presentation (step path only;
     ``None`` otherwise), cleared by ``functional.reset_net``.
 
-    Counting: the table gives the spike counts with the outputs (one lookup). While the neuron has
-    forward hooks (the evaluation's firing counter), a forward keeps the counts of its input, and
-    :meth:`spike_counts` of that same tensor object (the counters' calls, here and in the layer
-    the neuron feeds) answers from them instead of a second lookup. The record goes with the
-    tensor, a new forward, ``reset_net`` or :meth:`set_scale`; as for
+    Counting: the table gives the spike counts with the outputs (one lookup). While the
+    evaluation's counters count (:func:`~csdlab.snn.counting.counting_cache`), a forward keeps the
+    counts of its input, and :meth:`spike_counts` of that same tensor object (the counters' calls,
+    here and in the layer the neuron feeds) answers from them instead of a second lookup. The
+    record goes with the tensor, a new forward, ``reset_net`` or :meth:`set_scale`; as for
     :func:`csdlab.snn.counting.record_nonzero_rows`, inputs are not modified in place afterwards.
 
     Args:
@@ -568,7 +570,7 @@ class MBENeuron(base.MemoryModule):
         if self.fast:
             value, counts = self.code(z)
             v = None
-            if self._forward_hooks:  # watched by a counter: it will ask for these counts
+            if counting_active():  # the evaluation's counters will ask for these counts
                 self._remember(x, counts)
         else:
             theta, reset, intensity, weight, delta, sign, bias = self.code.constants(z.dtype, z.device)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from csdlab.snn.counting import counting_active
 from csdlab.snn.mbe import MBECode, MBENeuron
 
 __all__ = ["MBEProduct", "MBESoftmax", "MBELayerNorm", "MBELinear", "ANDProduct", "and_events"]
@@ -46,27 +47,33 @@ def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> Tensor:
     Element-wise: ``sum count_a count_b``. Matrix ``[.., n, p] @ [.., p, m]``: every pair
     ``(a_ik, b_kj)`` meets, so ``sum_ikj ca_ik cb_kj = sum_k (sum_i ca_ik)(sum_j cb_kj)``.
     """
+    return float(_and_events(count_a, count_b, matmul))
+
+
+def _and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> Tensor:
+    """:func:`and_events` as a 0-d float64 tensor on the counts' device (no host synchronisation)."""
     # integer arithmetic (exact; counts <= N T, so products of two fit int32), float64 at the end
     if matmul:
         return (count_a.sum(-2, dtype=torch.int64) * count_b.sum(-1, dtype=torch.int64)).sum().double()
     return (count_a * count_b).sum(dtype=torch.int64).double()
 
 
-def _spikes(counts: Tensor) -> Tensor:
-    return counts.sum(dtype=torch.int64).double()
+def _total(count: Tensor) -> Tensor:
+    return count.sum(dtype=torch.float64)  # spikes: small integers, exact in float64
 
 
 class _Seen:
-    """The neuron inputs a module made from its input ``x`` in its last forward, kept only while a
-    counter watches it (forward hooks) and handed once to its ``count_ops``: the neurons then
-    answer from the counts they kept (:class:`~csdlab.snn.mbe.MBENeuron`) instead of a second lookup."""
+    """The neuron inputs a module made from its input ``x`` in its last forward, kept only while the
+    evaluation's counters count (:func:`~csdlab.snn.counting.counting_cache`) and handed once to its
+    ``count_ops``: the neurons then answer from the counts they kept (:class:`~csdlab.snn.mbe.MBENeuron`)
+    instead of a second lookup."""
 
     def __init__(self) -> None:
         self.ref: weakref.ref | None = None
         self.tensors: tuple[Tensor, ...] = ()
 
-    def keep(self, module: nn.Module, x: Tensor, *tensors: Tensor) -> None:
-        if module._forward_hooks:
+    def keep(self, x: Tensor, *tensors: Tensor) -> None:
+        if counting_active():
             self.ref, self.tensors = weakref.ref(x), tensors
 
     def __getstate__(self) -> dict[str, Any]:
@@ -120,9 +127,9 @@ class MBEProduct(nn.Module):
         return out if self.scale == 1.0 else out * self.scale
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
-        """``(0, AND events + spikes of both encoders)``."""
+        """``(0, AND events + spikes of both encoders)`` (a tensor on the inputs' device)."""
         ca, cb = self.enc_a.spike_counts(inputs[0]), self.enc_b.spike_counts(inputs[1])
-        return 0.0, and_events(ca, cb, self.matmul) + _spikes(ca) + _spikes(cb)
+        return 0.0, _and_events(ca, cb, self.matmul) + _total(ca) + _total(cb)
 
     def extra_repr(self) -> str:
         return f"matmul={self.matmul}, scale={self.scale:.4g}"
@@ -155,7 +162,7 @@ class MBESoftmax(nn.Module):
         e = torch.ldexp(p, whole)  # exponent add
         mant, expo = torch.frexp(e.sum(self.dim, keepdim=True))  # accumulation; sum = M 2^E
         r = self.recip(mant)  # ~ 1/M in (1, 2]
-        self._seen.keep(self, x, frac, mant)
+        self._seen.keep(x, frac, mant)
         # numerator x 1/sum: AND of the exp2 and recip trains, then one exponent add
         return torch.ldexp(self.product(p, r), whole - expo)
 
@@ -169,7 +176,7 @@ class MBESoftmax(nn.Module):
         else:
             frac, mant = seen
         cp, cr = self.exp2.spike_counts(frac), self.recip.spike_counts(mant)
-        return 0.0, 2.0 * _spikes(cp) + _spikes(cr) + and_events(cp, cr, matmul=False)
+        return 0.0, 2.0 * _total(cp) + _total(cr) + _and_events(cp, cr, matmul=False)
 
 
 class MBELayerNorm(nn.Module):
@@ -206,7 +213,7 @@ class MBELayerNorm(nn.Module):
         xc_in, xc, var = self._var(x)
         mant, expo = self._even(var + self.eps)
         r = self.rsqrt(mant)  # ~ 1/sqrt(M)
-        self._seen.keep(self, x, xc_in, mant)
+        self._seen.keep(x, xc_in, mant)
         y = torch.ldexp(self.product(xc, r), torch.div(-expo, 2, rounding_mode="floor"))  # exponent add
         if self.weight is not None:
             y = y * self.weight
@@ -224,8 +231,8 @@ class MBELayerNorm(nn.Module):
         else:
             xc_in, mant = seen
         cc, cr = self.centred.spike_counts(xc_in), self.rsqrt.spike_counts(mant)
-        ands = and_events(cc, cc, matmul=False) + and_events(cc, cr, matmul=False)
-        return 0.0, _spikes(cc) + _spikes(cr) + ands
+        ands = _and_events(cc, cc, matmul=False) + _and_events(cc, cr, matmul=False)
+        return 0.0, _total(cc) + _total(cr) + ands
 
 
 class MBELinear(nn.Module):
@@ -245,7 +252,8 @@ class MBELinear(nn.Module):
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, spikes x (fan-out + 1))``: one AC per event and output, one in the neuron."""
-        return 0.0, _spikes(self.encoder.spike_counts(inputs[0])) * (self.linear.out_features + 1)
+        events = _total(self.encoder.spike_counts(inputs[0]))
+        return 0.0, events * (self.linear.out_features + 1)
 
 
 def identity_neuron(code: MBECode, scale: float = 1.0, fast: bool = True, exact: bool = False) -> MBENeuron:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from csdlab.compiling import CompiledKernel
 from csdlab.quant.lsq import ActQuantizer
-from csdlab.snn.counting import count_spikes, nonzero_per_row, record_nonzero_rows
+from csdlab.snn.counting import bincount_below, count_spikes, nonzero_per_row, record_nonzero_rows
 from csdlab.snn.ecmt import TimeFlatModule
 
 __all__ = ["DelayedIFNode", "MTNeuron"]
@@ -22,6 +22,12 @@ __all__ = ["DelayedIFNode", "MTNeuron"]
 # integer view and sign+exponent mask per float dtype (clearing the mantissa gives 2^floor(log2 u))
 _EXPONENT_MASKS = {torch.float32: (torch.int32, -(1 << 23)), torch.float64: (torch.int64, -(1 << 52)),
                    torch.float16: (torch.int16, -(1 << 10)), torch.bfloat16: (torch.int16, -(1 << 7))}
+
+
+def _host_scalars(x: Tensor) -> bool:
+    """Whether a neuron may read a 0-d tensor on the host as a Python scalar (free on the CPU, a
+    synchronisation on a GPU)."""
+    return x.device.type == "cpu"
 
 
 class DelayedIFNode(base.MemoryModule):
@@ -112,8 +118,10 @@ class DelayedIFNode(base.MemoryModule):
             spikes, v = self._kernel(x_seq.reshape(steps, -1), theta_t, self.delay)
             return (spikes.view(x_seq.shape),), (v.view(x_seq.shape[1:]),)
         # a Python float holds every float32 / float64 value exactly: theta * s (s in {0, 1}) is
-        # theta or 0 exactly, as in Algorithm 1's v -= theta * s
-        theta = float(theta_t)
+        # theta or 0 exactly, as in Algorithm 1's v -= theta * s. Off the CPU, reading theta on the
+        # host would synchronise at every call: v -= s * theta with the device tensor (addcmul; the
+        # product is exact, so the same bits)
+        theta = float(theta_t) if _host_scalars(x_seq) else None
         # the membrane after step 1's input, as a new tensor (updated in place below; a supplied
         # state stays untouched). theta/2 + I(1): IEEE addition is commutative, so this is the
         # literal v = theta/2; v += I(1)
@@ -125,7 +133,10 @@ class DelayedIFNode(base.MemoryModule):
             if t >= self.delay:
                 s = spikes[t - self.delay]
                 torch.ge(v, theta_t, out=s)  # 1.0 / 0.0 straight into the output slot
-                v.sub_(s, alpha=theta)  # reset by subtraction
+                if theta is not None:
+                    v.sub_(s, alpha=theta)  # reset by subtraction
+                else:
+                    v.addcmul_(s, theta_t, value=-1.0)
         return (spikes,), (v,)
 
     def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, int]:
@@ -258,12 +269,14 @@ class MTNeuron(TimeFlatModule):
             spikes = spikes.float()  # level-weighted half-precision spikes are exact in float32
         int_type, shift, bins = (torch.int32, 23, 512) if spikes.dtype == torch.float32 else (torch.int64, 52, 4096)
         keys = torch.bitwise_right_shift(spikes.view(int_type), shift).bitwise_and_(bins - 1)  # sign|exponent
-        hist = torch.bincount(keys.flatten(), minlength=bins)
+        hist = bincount_below(keys, bins)
         sign = bins // 2
-        e1, e2 = (int(torch.bitwise_right_shift(th.to(dtype).to(spikes.dtype).view(int_type), shift))
-                  for th in (self.th1, self.th2))
-        n = self.levels
-        self.spike_counts += torch.cat([hist[e1:e1 + n], hist[sign + e2:sign + e2 + n]]).to(self.spike_counts)
+        # the bins of both thresholds' levels, found on the device (no host synchronisation per call)
+        th = torch.stack([self.th1, self.th2]).to(dtype).to(spikes.dtype).view(int_type)
+        e1, e2 = torch.bitwise_right_shift(th, shift).unbind()
+        levels = torch.arange(self.levels, device=hist.device)
+        bins_at = torch.cat([e1 + levels, sign + e2 + levels])
+        self.spike_counts += hist.index_select(0, bins_at).to(self.spike_counts)
         self.neuron_steps += spikes.numel()
 
     def single_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],

@@ -127,14 +127,15 @@ class TDECMatMul(nn.Module):
         return cls()
 
     @staticmethod
-    def count_ops(inputs: tuple[Any, ...], output: Tensor) -> tuple[float, float]:
+    def count_ops(inputs: tuple[Any, ...], output: Tensor) -> tuple[float, Tensor]:
         """ACs of the three-term form, summed over steps: every event of ``A_t`` is added into a
         row of ``B_t`` and of ``S^B_{t-1}`` (fan-out m each); every event of ``B_t`` adds a column
         of ``S^A_{t-1}`` (fan-out n). No multiplications."""
         a_seq, b_seq = inputs[0], inputs[1]
         n, m = a_seq.shape[-2], b_seq.shape[-1]
-        # binary trains: the sum is the event count (count_spikes: exact, far cheaper than count_nonzero)
-        events_a = float(count_spikes(a_seq))
+        # binary trains: the sum is the event count (count_spikes: exact, far cheaper than count_nonzero);
+        # a float64 tensor on the trains' device (no host synchronisation per layer)
+        events_a = count_spikes(a_seq)
         # S^A_0 = 0, so B's events at the first step add nothing
-        events_b = float(count_spikes(b_seq[1:]))
-        return 0.0, 2.0 * events_a * m + events_b * n
+        events_b = count_spikes(b_seq[1:])
+        return 0.0, events_a * (2.0 * m) + events_b * n

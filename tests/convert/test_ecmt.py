@@ -114,10 +114,10 @@ def test_per_step_op_counts_equal_single_step_counts() -> None:
         def hook(name: str):
             def fn(mod, inputs, output):
                 macs, acs = mod.count_ops(inputs, output)
-                if isinstance(macs, torch.Tensor):  # one multi-step call: one entry per step
+                if isinstance(macs, torch.Tensor) and macs.dim() == 1:  # one multi-step call: one entry per step
                     out.setdefault(name, []).extend(zip(macs.tolist(), acs.tolist()))
-                else:
-                    out.setdefault(name, []).append((macs, acs))
+                else:  # one step: floats, or 0-d tensors (ECMatMul: kept on the device)
+                    out.setdefault(name, []).append((float(macs), float(acs)))
             return fn
 
         handles = [m.register_forward_hook(hook(n)) for n, m in snn.net.named_modules()

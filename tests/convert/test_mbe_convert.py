@@ -7,9 +7,8 @@ from torch import nn
 
 from csdlab.convert.mbe import (GROUPS, MBEConverter, MBESpikingModel, calibrate_ranges, convert_vit_mbe,
                                 identity_sites, mbe_sites)
-from csdlab.energy import OpCounter
 from csdlab.eval.api import Converter, SpikingModel
-from csdlab.eval.metrics import FiringCounter
+from csdlab.eval.counters import SimulationCounters
 from csdlab.snn.mbe import MBENeuron
 from csdlab.snn.mbe_ops import MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
 
@@ -85,9 +84,9 @@ def test_table_and_step_paths_agree_in_the_network(T):
             snn(x)
         for h in handles:
             h.remove()
-        ops = OpCounter(snn, analog=snn.analog_layers(), steps=T, time_flattened=snn.time_flattened())
-        with torch.no_grad(), FiringCounter(snn.sites()) as firing, ops:
+        with torch.no_grad(), SimulationCounters(snn) as counters:
             out = snn(x)
+        firing, ops = counters.firing, counters.ops
         steps = torch.tensor([seen[n] * m.code.N * T for n, m in snn.sites().items()], dtype=torch.float64)
         assert torch.equal(firing.counts[1], steps)  # no site is run twice by the counters
         counts.append((out, firing.counts, ops.per_step))

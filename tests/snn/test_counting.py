@@ -55,27 +55,29 @@ def test_linear_and_binary_counts(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("scratch", [1 << 20, 40])  # 40: rows wider than the scratch buffer, and row blocks
 def test_nonzero_per_row_through_the_scratch_buffer(monkeypatch: pytest.MonkeyPatch, scratch: int) -> None:
-    monkeypatch.setattr(counting, "_SCRATCH", {})
-    monkeypatch.setattr(counting, "_SCRATCH_ELEMS", scratch)
+    monkeypatch.setattr(counting.CountCache, "SCRATCH_ELEMS", scratch)
     g = torch.Generator().manual_seed(1)
-    for shape in [(7, 33), (50, 3, 4), (1, 1), (0, 5)]:
-        x = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.4)
-        for dtype in (torch.float32, torch.float64, torch.float16):
-            y = x.to(dtype)
-            assert nonzero_per_row(y).tolist() == torch.count_nonzero(y.flatten(1), 1).double().tolist()
-    t = torch.randn(6, 20, generator=g).t()  # non-contiguous
-    assert nonzero_per_row(t).tolist() == torch.count_nonzero(t, 1).double().tolist()
+    with counting.counting_cache() as cache:
+        for shape in [(7, 33), (50, 3, 4), (1, 1), (0, 5)]:
+            x = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.4)
+            for dtype in (torch.float32, torch.float64, torch.float16):
+                y = x.to(dtype)
+                assert nonzero_per_row(y).tolist() == torch.count_nonzero(y.flatten(1), 1).double().tolist()
+        t = torch.randn(6, 20, generator=g).t()  # non-contiguous
+        assert nonzero_per_row(t).tolist() == torch.count_nonzero(t, 1).double().tolist()
+        assert cache.scratch or scratch < 40  # the buffer was used
+    assert not cache.scratch and not cache.records  # nothing outlives the counting
 
 
-def test_scratch_buffer_made_under_inference_mode_works_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(counting, "_SCRATCH", {})
+def test_scratch_buffer_made_under_inference_mode_works_outside() -> None:
     x = torch.tensor([[0.0, 1.0, -2.0], [0.0, 0.0, 3.0]])
-    with torch.inference_mode():  # the evaluation (Trainer.test) counts first ...
-        assert nonzero_per_row(x).tolist() == [2.0, 1.0]
-    with torch.no_grad():  # ... then a training-time callback, outside inference mode
-        assert nonzero_per_row(x).tolist() == [2.0, 1.0]
-    with torch.inference_mode():
-        assert nonzero_per_row(x).tolist() == [2.0, 1.0]
+    with counting.counting_cache():
+        with torch.inference_mode():  # the evaluation (Trainer.test) counts first ...
+            assert nonzero_per_row(x).tolist() == [2.0, 1.0]
+        with torch.no_grad():  # ... then a training-time callback, outside inference mode
+            assert nonzero_per_row(x).tolist() == [2.0, 1.0]
+        with torch.inference_mode():
+            assert nonzero_per_row(x).tolist() == [2.0, 1.0]
 
 
 def test_recorded_counts_are_counted_once_and_die_with_the_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,15 +86,18 @@ def test_recorded_counts_are_counted_once_and_die_with_the_tensor(monkeypatch: p
     expected = torch.count_nonzero(x, 1).double().tolist()
     calls = []
     real = counting._count_rows
-    monkeypatch.setattr(counting, "_count_rows", lambda t: calls.append(1) or real(t))
-    counting.record_nonzero_rows(x)  # computed on the first request, then kept
-    assert nonzero_per_row(x).tolist() == expected and nonzero_per_row(x).tolist() == expected
-    assert len(calls) == 1
-    y = x.clone()  # another tensor (same values): no record, counted directly
-    assert nonzero_per_row(y).tolist() == expected and len(calls) == 2
-    key = id(x)
-    del x
-    assert key not in counting._RECORDS  # the record went with its tensor
+    monkeypatch.setattr(counting, "_count_rows", lambda t, cache: calls.append(1) or real(t, cache))
+    counting.record_nonzero_rows(x)  # not counting: no record is kept
+    assert nonzero_per_row(x).tolist() == expected and len(calls) == 1
+    with counting.counting_cache() as cache:
+        counting.record_nonzero_rows(x)  # computed on the first request, then kept
+        assert nonzero_per_row(x).tolist() == expected and nonzero_per_row(x).tolist() == expected
+        assert len(calls) == 2
+        y = x.clone()  # another tensor (same values): no record, counted directly
+        assert nonzero_per_row(y).tolist() == expected and len(calls) == 3
+        key = id(x)
+        del x
+        assert key not in cache.records  # the record went with its tensor
 
 
 def test_mt_output_counted_once_for_both_counters() -> None:
@@ -103,9 +108,9 @@ def test_mt_output_counted_once_for_both_counters() -> None:
     n = MTNeuron(0.3, 0.2, levels=4)
     n.step_mode, n.flat_steps = "m", 3
     lin = nn.Linear(20, 5)
-    with torch.inference_mode():
+    with torch.inference_mode(), counting.counting_cache() as cache:
         y = n(torch.randn(3 * 2, 20, generator=torch.Generator().manual_seed(3)))
         events, steps = n.count_events((), y)
         assert events.item() == torch.count_nonzero(y).item() > 0 and steps == y.numel()
-        assert id(y) in counting._RECORDS and counting._RECORDS[id(y)][1] is not None
+        assert id(y) in cache.records and cache.records[id(y)][1] is not None
         assert torch.equal(synaptic_events(lin, y), occupancy_events(lin, y))

@@ -7,6 +7,7 @@ import torch
 from spikingjelly.activation_based import functional
 from torch import Tensor
 
+from csdlab.snn.counting import counting_cache
 from csdlab.snn.mbe import FIT_COMMAND, PRIMITIVES, MBECode, MBENeuron, load_code, load_codes
 
 LN2 = math.log(2.0)
@@ -179,13 +180,14 @@ def test_nan_unchanged():
     assert y[0] == code.bias and MBENeuron(code, fast=False).spike_counts(x)[0] == 0
 
 
-def test_counts_kept_for_the_counters_only_while_watched():
+def test_counts_kept_for_the_counters_only_while_counting():
     code = load_code("identity", 8, 8)
     n = MBENeuron(code, 2.0, 2.0)
     x = torch.linspace(-2, 2, 101)
     n(x)
     assert n._record is None  # nobody counts: nothing kept
-    h = n.register_forward_hook(lambda *a: None)
+    counting = counting_cache()
+    counting.__enter__()
     n(x)
     kept = n.spike_counts(x)
     assert n._record is not None and n._record[1] is kept  # answered from the forward's counts
@@ -199,7 +201,7 @@ def test_counts_kept_for_the_counters_only_while_watched():
     n(x)
     del x
     assert n._record is None  # the record went with its tensor
-    h.remove()
+    counting.__exit__(None, None, None)
 
 
 def test_neuron_with_kept_counts_pickles():
@@ -207,10 +209,9 @@ def test_neuron_with_kept_counts_pickles():
     import pickle
 
     n = MBENeuron(load_code("identity", 8, 8))
-    hook = n.register_forward_hook(lambda *a: None)
     x = torch.linspace(-1, 1, 11)
-    n(x)
-    hook.remove()
+    with counting_cache():
+        n(x)
     assert n._record is not None
     buf = io.BytesIO()
     torch.save(n, buf)
@@ -219,8 +220,7 @@ def test_neuron_with_kept_counts_pickles():
     from csdlab.snn.mbe_ops import MBESoftmax
 
     sm = MBESoftmax(MBENeuron(load_code("exp2", 8, 8)), MBENeuron(load_code("recip", 8, 8)))
-    hook = sm.register_forward_hook(lambda *a: None)
     scores = torch.randn(2, 5)
-    sm(scores)
-    hook.remove()
+    with counting_cache():
+        sm(scores)
     assert sm._seen.ref is not None and pickle.loads(pickle.dumps(sm))._seen.ref is None
