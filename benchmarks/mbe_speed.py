@@ -1,11 +1,13 @@
 """Speed of one whole MBE SNN evaluation (all T steps of every neuron) vs one ANN forward, same batch.
 
-    python benchmarks/mbe_speed.py [--T 16] [--bases 8] [--batch 256] [--device cuda]
+    python benchmarks/mbe_speed.py [--T 16] [--bases 8] [--batch 256] [--device cuda] [--no-counters]
 
-Prints both timings (medians of interleaved repeats, after warm-up) side by side; the last line is
-``ratio=<SNN time / ANN time>`` (target <= 2 at T = 16, N = 8). Uses the Fashion-MNIST ViT in
-``assets/`` and random normalised images (the cost of the exact-table neurons does not depend on
-the values); identity ranges are calibrated on the same batch.
+The SNN is timed as the evaluation runs it: :class:`~csdlab.convert.mbe.MBESpikingModel` inside
+the evaluation's own counters (:class:`~csdlab.eval.counters.SimulationCounters`, as
+:class:`~csdlab.eval.metrics.ConversionMetrics` enters them); ``--no-counters`` times the bare
+forward. Prints both timings (medians of interleaved repeats, after warm-up) side by side; the last line is ``ratio=<SNN time / ANN time>`` (issue 17's target: <= 4 at
+T = 16, N = 8, counters on). Uses the Fashion-MNIST ViT in ``assets/`` and random normalised
+images; identity ranges are calibrated on the same batch.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from csdlab.convert.mbe import calibrate_ranges, convert_vit_mbe
+from csdlab.convert.mbe import MBESpikingModel, calibrate_ranges, convert_vit_mbe
+from csdlab.eval.counters import SimulationCounters
 from csdlab.lit.module import load_classifier
 
 log = logging.getLogger("mbe_speed")
@@ -46,6 +49,14 @@ def _time_pair(ann, snn, device: torch.device, repeats: int) -> tuple[float, flo
     return statistics.median(t_ann), statistics.median(t_snn)
 
 
+def counted(model: MBESpikingModel, x: torch.Tensor) -> torch.Tensor:
+    """One evaluation step as :class:`~csdlab.eval.metrics.ConversionMetrics` runs it, inside the
+    evaluation's counters (:class:`~csdlab.eval.counters.SimulationCounters`: their cost is part of
+    an evaluation)."""
+    with SimulationCounters(model, device=x.device):
+        return model(x)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--T", type=int, default=16)
@@ -55,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the shared CI machine: 1)")
+    p.add_argument("--no-counters", action="store_true", help="time the SNN without the evaluation's counters")
     return p
 
 
@@ -66,9 +78,10 @@ def measure(a: argparse.Namespace) -> dict[str, float]:
     model = model.eval().to(device)
     x = torch.randn(a.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
     ranges = calibrate_ranges(model, [x], lambda t: t, T=a.T, N=a.bases, gelu_bases=a.gelu_bases)
-    snn = convert_vit_mbe(model, a.T, a.bases, a.gelu_bases, ranges).to(device)
+    snn = MBESpikingModel(convert_vit_mbe(model, a.T, a.bases, a.gelu_bases, ranges).to(device), a.T)
+    run_snn = (lambda: snn(x)) if getattr(a, "no_counters", False) else (lambda: counted(snn, x))
     with torch.no_grad():
-        t_ann, t_snn = _time_pair(lambda: model(x), lambda: snn(x), device, a.repeats)
+        t_ann, t_snn = _time_pair(lambda: model(x), run_snn, device, a.repeats)
     return {"ann_s": t_ann, "snn_s": t_snn, "ratio": t_snn / t_ann}
 
 
@@ -76,7 +89,8 @@ def main() -> None:
     a = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = measure(a)
-    log.info("device=%s batch=%d T=%d N=%d (GELU %d)", a.device, a.batch, a.T, a.bases, a.gelu_bases)
+    log.info("device=%s batch=%d T=%d N=%d (GELU %d) counters=%s", a.device, a.batch, a.T, a.bases, a.gelu_bases,
+             "off" if getattr(a, "no_counters", False) else "on")
     log.info("ANN forward        %8.2f ms", 1e3 * res["ann_s"])
     log.info("MBE SNN (all T)    %8.2f ms", 1e3 * res["snn_s"])
     print(f"ratio={res['ratio']:.3f}")  # noqa: T201  the one machine-read line

@@ -455,7 +455,7 @@ def _register_converters() -> None:
         importlib.import_module(name)
 
 
-def mbe_fit(out_dir: str | None = None, replace_shipped: bool = False, Ts: list[int] = [4, 8, 10, 12, 16],  # noqa: B006
+def mbe_fit(out_dir: str | None = None, replace_shipped: bool = False, Ts: list[int] = [2, 3, 4, 8, 10, 12, 16],  # noqa: B006
             Ns: list[int] = [4, 8]) -> dict[str, Any]:  # noqa: B006
     """Fit the MBE neurons' parameters and write one ``mbe_T{T}_N{N}.json`` per (T, N).
 

@@ -63,9 +63,6 @@ def test_csdformer_simulation_and_counting_stay_on_the_device(monkeypatch: pytes
     _run_counted_on_meta(convert_csdformer(qann.eval()), x)
 
 
-@pytest.mark.xfail(strict=True, reason="MBENeuron.count_events / count_ops return Python floats (a host read per "
-                   "site and batch) in csdlab/snn/mbe.py, left to issue 17 item 4's rewrite of that file; "
-                   "drop this mark once they return tensors")
 def test_mbe_simulation_and_counting_stay_on_the_device() -> None:
     vit, x = _vit(), torch.randn(4, 3, 32, 32)
     conv = MBEConverter(Ts=[8])

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["count_spikes", "nonzero_per_row", "record_nonzero_rows", "counting_cache", "CountCache", "conv_cover",
+__all__ = ["count_spikes", "nonzero_per_row", "record_nonzero_rows", "counting_cache", "counting_active", "CountCache",
+           "conv_cover",
            "synaptic_events", "bincount_below"]
 
 _CHUNK = 1 << 24  # float32 represents every integer up to 2^24 exactly
@@ -117,6 +118,12 @@ def counting_cache() -> Iterator[CountCache]:
         _ACTIVE.reset(token)
         cache.records.clear()
         cache.scratch.clear()
+
+
+def counting_active() -> bool:
+    """Whether the evaluation's counters are counting now (inside :func:`counting_cache`): producers
+    keep what the counters will ask for only then."""
+    return _ACTIVE.get() is not None
 
 
 def record_nonzero_rows(x: Tensor) -> None:

@@ -31,8 +31,10 @@ With ``k_th = k_r = k_d = ln 2`` a basis halves each step: the binary code of ``
 
 Exact fast path. Once fitted, the response of a basis is a fixed staircase of ``z``: every spike
 pattern is an interval of ``z`` (each step splits each interval at most once), so
-:meth:`MBECode.table` enumerates the intervals once and a forward pass is one ``torch.bucketize``
-plus a gather. The step-by-step simulation evaluates the firing condition
+:meth:`MBECode.table` enumerates the intervals once and a forward pass is an interval lookup
+(:class:`MBETable`: a uniform grid over the breakpoints, one comparison in a cell of at most one
+breakpoint, a short binary search in denser ones) and one gather of the output and spike count.
+The step-by-step simulation evaluates the firing condition
 ``u_n(t) >= theta_n(t)`` as ``sigma_n z >= (theta_n(t) + R_n(t)) - delta_n`` with
 ``R_n(t) = sum_{t'<t} s_n(t') r_n(t')`` the accumulated resets (the same inequality), which is what
 the table stores, so both paths give bit-identical outputs and spike counts.
@@ -42,8 +44,9 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,8 @@ import torch
 from spikingjelly.activation_based import base
 from torch import Tensor
 from torch.nn import functional as F
+
+from csdlab.snn.counting import counting_active
 
 __all__ = ["MBECode", "MBETable", "MBENeuron", "PRIMITIVES", "Primitive", "run_steps", "decay", "load_codes",
            "load_code", "table_path", "FIT_COMMAND"]
@@ -169,31 +174,83 @@ class MBETable:
     bounds: Tensor  # [K] sorted, strictly increasing
     values: Tensor  # [K + 1]
     spikes: Tensor  # [K + 1] int32
-    # uniform-grid index: cell(z) = clamp(floor((z - origin) * inv_width), 0, G - 1) is monotone in z,
-    # so the interval index of z lies in [start[cell], start[cell] + probes]: a few comparisons
-    # replace the binary search of torch.bucketize (several times faster; same result, tested)
+    biased: Tensor  # [K + 1]: values + c, rounded once as run_steps adds c (what the neuron outputs)
+    # uniform-grid index: cell(z) = clamp((z - origin) * inv_width, 0, G - 1), truncated, is monotone in
+    # z, so the interval index of z is start[cell] + (the number of the cell's bounds <= z), and a
+    # cell holds at most ``probes`` bounds. That count is a branchless binary search over the
+    # window padded[start .. start + 2^steps - 1) (later bounds are > z, the NaN padding never <= z):
+    # ``steps`` = bit length of ``probes`` comparisons replace torch.bucketize's binary search.
     origin: float = 0.0
     inv_width: float = 0.0
     start: Tensor | None = None  # [G] int64: bounds whose cell is < c
-    padded: Tensor | None = None  # [K + probes] bounds then +inf
+    padded: Tensor | None = None  # [K + 2^steps] bounds then NaN
     probes: int = 0
+    steps: int = 0
+    # float32 on the CPU, two cache-missing gathers per element: ``grid`` [G] int64 packs (start[c]
+    # as int32, its sign bit set where the cell holds more than one bound; the bound padded[start[c]]
+    # as float32), so one comparison places z in a cell of at most one bound; the few elements in
+    # denser cells (3-7 % of the fmnist ViT's inputs) are found by one nonzero and get the binary search
+    # (a host synchronisation: other devices take the binary search for every element).
+    # ``packed`` [K + 1] int64 packs (biased[j] as float32, spikes[j] as int32)
+    grid: Tensor | None = None
+    packed: Tensor | None = None
 
     def index(self, z: Tensor) -> Tensor:
         """Interval index of every ``z`` (``torch.bucketize(z, bounds, right=True)``)."""
         if self.start is None:
             return torch.bucketize(z.contiguous(), self.bounds, right=True)
-        cell = _cell(z, self.origin, self.inv_width, len(self.start))
-        j = self.start.take(cell)
-        for _ in range(self.probes):
-            j += z >= self.padded.take(j)
-        return j
+        flat, h = z.reshape(-1), 1 << self.steps >> 1
+        j = _take(self.start, _cell(flat, self.origin, self.inv_width, len(self.start)))
+        return self._search(flat, j, h, _take(self.padded, j + (h - 1))).view(z.shape)
+
+    def _search(self, z: Tensor, j: Tensor, h: int, first: Tensor) -> Tensor:
+        # the binary search from its first step (of width h, against the bound ``first``); j is
+        # owned here. Same-dtype in-place adds: an int64 + bool add takes a slow casting path on the CPU
+        while True:
+            step = (z >= first).long()
+            j += step.mul_(h) if h > 1 else step
+            h >>= 1
+            if not h:
+                return j
+            first = _take(self.padded, j + (h - 1))
+
+    def lookup(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(biased[j], spikes[j])`` for the interval index ``j`` of every ``z`` (shape of ``z``)."""
+        if self.grid is None or z.dtype != torch.float32:
+            j = self.index(z).reshape(-1)
+            return _take(self.biased, j).view(z.shape), _take(self.spikes, j).view(z.shape)
+        flat = z.reshape(-1)
+        if flat.device.type == "cpu":
+            rec = _take(self.grid, _cell(flat, self.origin, self.inv_width, len(self.grid))).view(torch.int32)
+            rec = rec.view(-1, 2)
+            j = self._search(flat, rec[:, 0].long(), 1, rec[:, 1].view(torch.float32))  # < 0: a denser cell
+            if self.steps > 1:
+                dense = (j < 0).nonzero().squeeze(1)
+                if len(dense):
+                    zd, start = flat[dense], rec[dense, 0].long() & 0x7FFFFFFF
+                    h = 1 << self.steps >> 1
+                    j[dense] = self._search(zd, start, h, _take(self.padded, start + (h - 1)))
+        else:
+            j = self.index(flat)
+        out = _take(self.packed, j).view(torch.int32).view(-1, 2)
+        return out[:, 0].view(torch.float32).view(z.shape), out[:, 1].view(z.shape)
+
+
+def _take(table: Tensor, j: Tensor) -> Tensor:
+    # index_select on a 1-D table: ~10x faster than Tensor.take on the CPU for large tables (measured)
+    return table.index_select(0, j)
+
+
+def _to(v: Any, device: torch.device | str) -> Any:
+    return v.to(device) if isinstance(v, Tensor) else v
 
 
 def _cell(z: Tensor, origin: float, inv_width: float, cells: int) -> Tensor:
-    return ((z - origin) * inv_width).floor_().clamp_(0, cells - 1).long()
+    # truncation after clamping to >= 0 is floor; NaN stays NaN and becomes an out-of-range index
+    return (z - origin).mul_(inv_width).clamp_(0, cells - 1).long()
 
 
-def _with_grid(tab: MBETable, max_cells: int = 1 << 21) -> MBETable:
+def _with_grid(tab: MBETable, max_cells: int = 1 << 20) -> MBETable:
     k = len(tab.bounds)
     if k < 2:
         return tab
@@ -203,15 +260,23 @@ def _with_grid(tab: MBETable, max_cells: int = 1 << 21) -> MBETable:
         inv_width = cells / (hi - lo)
         if not math.isfinite(inv_width):
             return tab
-        c = _cell(tab.bounds, lo, inv_width, cells)  # the same expression as at run time
+        c = _cell(tab.bounds.clone(), lo, inv_width, cells)  # the same expression as at run time
         per_cell = torch.bincount(c, minlength=cells)
         probes = int(per_cell.max())
-        if probes <= 2 or cells * 4 > max_cells:  # finer grids for clustered breakpoints
+        if probes <= 1 or cells * 2 > max_cells:  # finer grids for clustered breakpoints
             break
-        cells *= 4
+        cells *= 2
+    steps = probes.bit_length()  # a window of 2^steps - 1 >= probes bounds
     start = torch.cumsum(per_cell, 0) - per_cell
-    padded = torch.cat([tab.bounds, tab.bounds.new_full((probes,), math.inf)])
-    return MBETable(tab.bounds, tab.values, tab.spikes, lo, inv_width, start, padded, probes)
+    # NaN, not +inf: z >= NaN is false for every z, z = +inf included (which +inf padding overcounted)
+    padded = torch.cat([tab.bounds, tab.bounds.new_full((1 << steps,), math.nan)])
+    grid = packed = None
+    if tab.bounds.dtype == torch.float32 and k < 2**31:
+        flagged = start.int() | torch.where(per_cell > 1, -(1 << 31), 0).int()
+        grid = torch.stack([flagged, padded[start].view(torch.int32)], 1).view(torch.int64).reshape(-1)
+        packed = torch.stack([tab.biased.view(torch.int32), tab.spikes], 1).view(torch.int64).reshape(-1)
+    return MBETable(tab.bounds, tab.values, tab.spikes, tab.biased, lo, inv_width, start, padded, probes, steps, grid,
+                    packed)
 
 
 def _basis_intervals(theta: Tensor, reset: Tensor, intensity: Tensor, delta: Tensor) -> tuple[Tensor, ...]:
@@ -350,7 +415,7 @@ class MBECode:
         """
         key = (dtype, str(device))
         if key not in self._tables:
-            theta, reset, intensity, weight, delta, sign, _ = self.constants(dtype, "cpu")
+            theta, reset, intensity, weight, delta, sign, bias = self.constants(dtype, "cpu")
             per = {n: _basis_intervals(theta[n], reset[n], intensity[n], delta[n]) for n in range(self.N)}
             cuts = [per[n][0][1:] if float(sign[n]) > 0 else
                     torch.nextafter(-per[n][0][1:], torch.tensor(math.inf, dtype=dtype)) for n in range(self.N)]
@@ -370,10 +435,8 @@ class MBECode:
                 if acc is not None:
                     groups.append(acc)
             values = groups[0] if len(groups) == 1 else groups[0] + groups[1]
-            tab = _with_grid(MBETable(bounds.contiguous(), values, spikes))
-            self._tables[key] = MBETable(*(v.to(device) if isinstance(v, Tensor) else v
-                                           for v in (tab.bounds, tab.values, tab.spikes, tab.origin, tab.inv_width,
-                                                     tab.start, tab.padded, tab.probes)))
+            tab = _with_grid(MBETable(bounds.contiguous(), values, spikes, values + bias))
+            self._tables[key] = MBETable(**{f.name: _to(getattr(tab, f.name), device) for f in fields(tab)})
         return self._tables[key]
 
     def table_size(self) -> int:
@@ -383,17 +446,14 @@ class MBECode:
     def __call__(self, z: Tensor, exact_table: bool = True) -> tuple[Tensor, Tensor]:
         """``(c + sum_n w_n o_n, spike count)`` for normalised inputs ``z`` (table or step path)."""
         if exact_table:
-            tab = self.table(z.dtype, z.device)
-            j = tab.index(z)
-            return tab.values.take(j) + self.constants(z.dtype, z.device)[-1], tab.spikes.take(j)
+            return self.table(z.dtype, z.device).lookup(z)
         theta, reset, intensity, weight, delta, sign, bias = self.constants(z.dtype, z.device)
         value, count = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)
         return value, count.to(torch.int32)
 
     def value(self, z: Tensor) -> Tensor:
         """``c + sum_n w_n o_n`` from the exact table (no spike counts)."""
-        tab = self.table(z.dtype, z.device)
-        return tab.values.take(tab.index(z)) + self.constants(z.dtype, z.device)[-1]
+        return self.table(z.dtype, z.device).lookup(z)[0]
 
     def __repr__(self) -> str:
         return f"MBECode({self.primitive}, T={self.T}, N={self.N})"
@@ -439,6 +499,13 @@ class MBENeuron(base.MemoryModule):
     Memories: ``v``, the membranes ``[N, *x.shape]`` after the last presentation (step path only;
     ``None`` otherwise), cleared by ``functional.reset_net``.
 
+    Counting: the table gives the spike counts with the outputs (one lookup). While the
+    evaluation's counters count (:func:`~csdlab.snn.counting.counting_cache`), a forward keeps the
+    counts of its input, and :meth:`spike_counts` of that same tensor object (the counters' calls,
+    here and in the layer the neuron feeds) answers from them instead of a second lookup. The
+    record goes with the tensor, a new forward, ``reset_net`` or :meth:`set_scale`; as for
+    :func:`csdlab.snn.counting.record_nonzero_rows`, inputs are not modified in place afterwards.
+
     Args:
         code: the fitted parameters (shared between sites: its table is built once).
         in_scale: input scale (identity: the site's calibrated range).
@@ -456,6 +523,7 @@ class MBENeuron(base.MemoryModule):
         self.register_buffer("out_scale", torch.tensor(float(out_scale), dtype=torch.float64))
         self.register_memory("v", None)
         self.step_mode = "s"
+        self._record: tuple[weakref.ref, Tensor] | None = None  # (input, its spike counts)
 
     def supported_step_mode(self) -> tuple[str, ...]:
         return ("s",)
@@ -466,10 +534,31 @@ class MBENeuron(base.MemoryModule):
             raise ValueError(f"MBE scale must be finite and > 0, got {scale!r}")
         self.in_scale.fill_(scale)
         self.out_scale.fill_(scale)
+        self._record = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._record = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_record"] = None  # a weak reference does not pickle, and the record is not state
+        return state
+
+    def _remember(self, x: Tensor, counts: Tensor) -> None:
+        me = weakref.ref(self)
+
+        def drop(ref: weakref.ref) -> None:  # the input is gone: free its counts
+            n = me()
+            if n is not None and n._record is not None and n._record[0] is ref:
+                n._record = None
+
+        self._record = (weakref.ref(x, drop), counts)
 
     def normalise(self, x: Tensor) -> Tensor:
         """``z = x / in_scale - x0``."""
-        return x / self.in_scale.to(x.dtype) - self.code.x0
+        z = x / self.in_scale.to(x.dtype)
+        return z - self.code.x0 if self.code.x0 != 0.0 else z  # z - 0.0 == z bit for bit (-0.0 and NaN too)
 
     def single_step_functional_forward(self, inputs: tuple[Tensor, ...], states: tuple[object, ...],
                                        **kwargs: object) -> tuple[tuple[Tensor], tuple[object]]:
@@ -479,7 +568,10 @@ class MBENeuron(base.MemoryModule):
             return (prim.fn(x / self.in_scale.to(x.dtype)) * self.out_scale.to(x.dtype),), (None,)
         z = self.normalise(x)
         if self.fast:
-            value, v = self.code.value(z), None
+            value, counts = self.code(z)
+            v = None
+            if counting_active():  # the evaluation's counters will ask for these counts
+                self._remember(x, counts)
         else:
             theta, reset, intensity, weight, delta, sign, bias = self.code.constants(z.dtype, z.device)
             value, _ = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)
@@ -518,16 +610,20 @@ class MBENeuron(base.MemoryModule):
         """Spikes per element (all bases and steps) for input ``x`` (0 when ``exact``)."""
         if self.exact:
             return torch.zeros_like(x, dtype=torch.int32)
+        record = self._record
+        if record is not None and record[0]() is x:
+            return record[1]
         return self.code(self.normalise(x), exact_table=self.fast)[1]
 
-    def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
-        """``(spikes summed over bases and steps, elements x N x T)`` of the call just made."""
+    def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, float]:
+        """``(spikes summed over bases and steps, elements x N x T)`` of the call just made (the
+        spikes a 0-d tensor on the input's device: no host synchronisation)."""
         x = inputs[0]
-        return float(self.spike_counts(x).sum()), float(x.numel() * self.code.N * self.code.T)
+        return self.spike_counts(x).sum(), float(x.numel() * self.code.N * self.code.T)
 
-    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, float]:
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """A stand-alone neuron costs one AC per spike (docs/methods.md §4.4: ``T N eta E_AC``)."""
-        return 0.0, float(self.spike_counts(inputs[0]).sum())
+        return 0.0, self.spike_counts(inputs[0]).sum()
 
     def extra_repr(self) -> str:
         mode = "exact" if self.exact else ("table" if self.fast else "steps")

@@ -220,7 +220,7 @@ def mse_on_grid(code: MBECode, points: int = 100_001, lo: float | None = None, h
     return float(((code(x - code.x0)[0] - prim.fn(x)) ** 2).mean())
 
 
-def fit_all(out_dir: Path | str | None = None, Ts: Sequence[int] = (4, 8, 10, 12, 16), Ns: Sequence[int] = (4, 8),
+def fit_all(out_dir: Path | str | None = None, Ts: Sequence[int] = (2, 3, 4, 8, 10, 12, 16), Ns: Sequence[int] = (4, 8),
             primitives: Iterable[str] | None = None, config: FitConfig | None = None) -> dict[str, Any]:
     """Fit every primitive for every ``(T, N)`` and write ``mbe_T{T}_N{N}.json`` files.
 

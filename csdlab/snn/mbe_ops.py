@@ -26,10 +26,13 @@ affine are not counted (the ANN side counts no element-wise work either).
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from csdlab.snn.counting import counting_active
 from csdlab.snn.mbe import MBECode, MBENeuron
 
 __all__ = ["MBEProduct", "MBESoftmax", "MBELayerNorm", "MBELinear", "ANDProduct", "and_events"]
@@ -37,8 +40,9 @@ __all__ = ["MBEProduct", "MBESoftmax", "MBELayerNorm", "MBELinear", "ANDProduct"
 LOG2E = 1.0 / math.log(2.0)
 
 
-def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> float:
-    """AND events of a spiking product with per-element spike counts of both operands.
+def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> Tensor:
+    """AND events of a spiking product with per-element spike counts of both operands (a 0-d
+    float64 tensor on their device).
 
     Element-wise: ``sum count_a count_b``. Matrix ``[.., n, p] @ [.., p, m]``: every pair
     ``(a_ik, b_kj)`` meets, so ``sum_ikj ca_ik cb_kj = sum_k (sum_i ca_ik)(sum_j cb_kj)``.
@@ -48,14 +52,37 @@ def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> float:
 
 def _and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> Tensor:
     """:func:`and_events` as a 0-d float64 tensor on the counts' device (no host synchronisation)."""
-    ca, cb = count_a.double(), count_b.double()
+    # integer arithmetic (exact; counts <= N T, so products of two fit int32), float64 at the end
     if matmul:
-        return (ca.sum(-2) * cb.sum(-1)).sum()
-    return (ca * cb).sum()
+        return (count_a.sum(-2, dtype=torch.int64) * count_b.sum(-1, dtype=torch.int64)).sum().double()
+    return (count_a * count_b).sum(dtype=torch.int64).double()
 
 
 def _total(count: Tensor) -> Tensor:
     return count.sum(dtype=torch.float64)  # spikes: small integers, exact in float64
+
+
+class _Seen:
+    """The neuron inputs a module made from its input ``x`` in its last forward, kept only while the
+    evaluation's counters count (:func:`~csdlab.snn.counting.counting_cache`) and handed once to its
+    ``count_ops``: the neurons then answer from the counts they kept (:class:`~csdlab.snn.mbe.MBENeuron`)
+    instead of a second lookup."""
+
+    def __init__(self) -> None:
+        self.ref: weakref.ref | None = None
+        self.tensors: tuple[Tensor, ...] = ()
+
+    def keep(self, x: Tensor, *tensors: Tensor) -> None:
+        if counting_active():
+            self.ref, self.tensors = weakref.ref(x), tensors
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"ref": None, "tensors": ()}  # a weak reference does not pickle; nothing here is state
+
+    def take(self, x: Tensor) -> tuple[Tensor, ...] | None:
+        ref, tensors = self.ref, self.tensors
+        self.ref, self.tensors = None, ()
+        return tensors if ref is not None and ref() is x else None
 
 
 class ANDProduct(nn.Module):
@@ -121,6 +148,7 @@ class MBESoftmax(nn.Module):
         super().__init__()
         self.exp2, self.recip, self.dim = exp2, recip, dim
         self.product = ANDProduct(matmul=False)
+        self._seen = _Seen()
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # the row max makes every exponent <= 0, so the row sum lies in [1, n]
@@ -134,16 +162,20 @@ class MBESoftmax(nn.Module):
         e = torch.ldexp(p, whole)  # exponent add
         mant, expo = torch.frexp(e.sum(self.dim, keepdim=True))  # accumulation; sum = M 2^E
         r = self.recip(mant)  # ~ 1/M in (1, 2]
+        self._seen.keep(x, frac, mant)
         # numerator x 1/sum: AND of the exp2 and recip trains, then one exponent add
         return torch.ldexp(self.product(p, r), whole - expo)
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, exp2 spikes (neuron + one AC each into the row sum) + recip spikes + AND events)``."""
         x = inputs[0]
-        whole, frac = self._split(x)
-        cp = self.exp2.spike_counts(frac)
-        mant, _ = torch.frexp(torch.ldexp(self.exp2(frac), whole).sum(self.dim, keepdim=True))
-        cr = self.recip.spike_counts(mant)
+        seen = self._seen.take(x)
+        if seen is None:
+            whole, frac = self._split(x)
+            mant, _ = torch.frexp(torch.ldexp(self.exp2(frac), whole).sum(self.dim, keepdim=True))
+        else:
+            frac, mant = seen
+        cp, cr = self.exp2.spike_counts(frac), self.recip.spike_counts(mant)
         return 0.0, 2.0 * _total(cp) + _total(cr) + _and_events(cp, cr, matmul=False)
 
 
@@ -164,10 +196,12 @@ class MBELayerNorm(nn.Module):
         self.weight, self.bias, self.eps = ln.weight, ln.bias, float(ln.eps)
         self.centred, self.rsqrt = centred, rsqrt
         self.square, self.product = ANDProduct(matmul=False), ANDProduct(matmul=False)
+        self._seen = _Seen()
 
-    def _var(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        xc = self.centred(x - x.mean(-1, keepdim=True))  # accumulation, then the identity train
-        return xc, self.square(xc, xc).mean(-1, keepdim=True)  # AND of the train with itself
+    def _var(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xc_in = x - x.mean(-1, keepdim=True)  # accumulation
+        xc = self.centred(xc_in)  # the identity train
+        return xc_in, xc, self.square(xc, xc).mean(-1, keepdim=True)  # AND of the train with itself
 
     @staticmethod
     def _even(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,9 +210,10 @@ class MBELayerNorm(nn.Module):
         return torch.where(odd, mant * 2, mant), torch.where(odd, expo - 1, expo)  # M in [0.5, 2), E even
 
     def forward(self, x: Tensor) -> Tensor:
-        xc, var = self._var(x)
+        xc_in, xc, var = self._var(x)
         mant, expo = self._even(var + self.eps)
         r = self.rsqrt(mant)  # ~ 1/sqrt(M)
+        self._seen.keep(x, xc_in, mant)
         y = torch.ldexp(self.product(xc, r), torch.div(-expo, 2, rounding_mode="floor"))  # exponent add
         if self.weight is not None:
             y = y * self.weight
@@ -189,11 +224,13 @@ class MBELayerNorm(nn.Module):
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, centred spikes + rsqrt spikes + AND events of the square and of the product)``."""
         x = inputs[0]
-        xc_in = x - x.mean(-1, keepdim=True)
-        cc = self.centred.spike_counts(xc_in)
-        xc, var = self._var(x)
-        mant, _ = self._even(var + self.eps)
-        cr = self.rsqrt.spike_counts(mant)
+        seen = self._seen.take(x)
+        if seen is None:
+            xc_in, _, var = self._var(x)
+            mant, _ = self._even(var + self.eps)
+        else:
+            xc_in, mant = seen
+        cc, cr = self.centred.spike_counts(xc_in), self.rsqrt.spike_counts(mant)
         ands = _and_events(cc, cc, matmul=False) + _and_events(cc, cr, matmul=False)
         return 0.0, _total(cc) + _total(cr) + ands
 

@@ -8,6 +8,7 @@ from torch import nn
 from csdlab.convert.mbe import GROUPS, MBEConverter, calibrate_ranges, convert_vit_mbe, identity_sites
 from csdlab.convert.mbe_vit import MBESpikingModel, mbe_sites
 from csdlab.eval.api import Converter, SpikingModel
+from csdlab.eval.counters import SimulationCounters
 from csdlab.snn.mbe import MBENeuron
 from csdlab.snn.mbe_ops import MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
 
@@ -65,13 +66,33 @@ def test_each_group_alone(group):
         torch.testing.assert_close(none(x), model(x), rtol=0, atol=1e-5)
 
 
-def test_table_and_step_paths_agree_in_the_network():
+@pytest.mark.parametrize("T", [2, 3, 8])
+def test_table_and_step_paths_agree_in_the_network(T):
+    # T = 2, 3: the shipped tables load and convert; with the evaluation's counters attached, the
+    # table path (neurons answer the counters from the counts their forward kept) counts exactly
+    # what the step-by-step path counts, and every site once per forward
     model = small_vit()
     x = torch.randn(2, 1, 16, 16)
-    ranges = calibrate_ranges(model, [x], lambda t: t, T=8)
-    fast, slow = (convert_vit_mbe(model, 8, 8, 4, ranges, fast=f) for f in (True, False))
-    with torch.no_grad():
-        assert torch.equal(fast(x), slow(x))
+    ranges = calibrate_ranges(model, [x], lambda t: t, T=T)
+    fast, slow = (MBESpikingModel(convert_vit_mbe(model, T, 8, 4, ranges, fast=f), T) for f in (True, False))
+    counts = []
+    for snn in (fast, slow):
+        seen: dict[str, int] = {}  # each site's input size in one plain forward
+        handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, seen.get(n, 0) + i[0].numel()))
+                   for n, m in snn.sites().items()]
+        with torch.no_grad():
+            snn(x)
+        for h in handles:
+            h.remove()
+        with torch.no_grad(), SimulationCounters(snn) as counters:
+            out = snn(x)
+        firing, ops = counters.firing, counters.ops
+        steps = torch.tensor([seen[n] * m.code.N * T for n, m in snn.sites().items()], dtype=torch.float64)
+        assert torch.equal(firing.counts[1], steps)  # no site is run twice by the counters
+        counts.append((out, firing.counts, ops.per_step))
+    assert torch.equal(counts[0][0], counts[1][0])
+    assert torch.equal(counts[0][1], counts[1][1]) and float(counts[0][1][0].sum()) > 0
+    assert torch.equal(counts[0][2], counts[1][2])
 
 
 def test_bad_input():

@@ -221,7 +221,7 @@ def test_mbe_fit_writes_a_new_folder_unless_told_to_replace(tmp_path: Path, monk
     make_convert_cli(["mbe-fit", "--Ts", "[4]", "--Ns", "[4]"])
     make_convert_cli(["mbe-fit"])
     assert calls[0] == (Path("logs/mbe_fit/version_0"), [4], [4])
-    assert calls[1] == (Path("logs/mbe_fit/version_1"), [4, 8, 10, 12, 16], [4, 8])
+    assert calls[1] == (Path("logs/mbe_fit/version_1"), [2, 3, 4, 8, 10, 12, 16], [4, 8])
     make_convert_cli(["mbe-fit", "--out_dir", str(tmp_path / "mine")])
     assert calls[2][0] == tmp_path / "mine"
     with pytest.raises(ValueError, match="not both"):

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 from spikingjelly.activation_based import functional
+from torch import Tensor
 
+from csdlab.snn.counting import counting_cache
 from csdlab.snn.mbe import FIT_COMMAND, PRIMITIVES, MBECode, MBENeuron, load_code, load_codes
 
 LN2 = math.log(2.0)
@@ -124,3 +126,101 @@ def test_bad_input():
     with pytest.raises(ValueError, match="T must be"):
         MBECode.halving(0, 2)
     assert set(PRIMITIVES) == {"gelu", "exp2", "recip", "rsqrt", "identity"}
+
+
+def _edge_inputs(bounds: Tensor, g: torch.Generator) -> Tensor:
+    # every breakpoint, the float just below it, a random spread and the far ends
+    b = bounds.double() if bounds.dtype == torch.float64 else bounds
+    below = torch.nextafter(b, torch.tensor(-math.inf, dtype=b.dtype))
+    spread = b[0] + (b[-1] - b[0]) * torch.rand(20_000, generator=g, dtype=torch.float64).to(b.dtype)
+    ends = torch.tensor([-math.inf, -1e30, 0.0, -0.0, 1e30, math.inf], dtype=b.dtype)
+    return torch.cat([b, below, spread, ends])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("primitive", "T", "N"), [("identity", 16, 8), ("gelu", 16, 4), ("exp2", 16, 8),
+                                                    ("recip", 16, 8), ("gelu", 3, 4), ("identity", 2, 8)])
+def test_table_lookup_is_bucketize_at_every_breakpoint(primitive, T, N, dtype):
+    """Every path of the lookup (the CPU's one-comparison cells with the search for denser cells,
+    the binary search other devices take) gives torch.bucketize's interval, at and just below
+    every breakpoint."""
+    code = load_code(primitive, T, N)
+    tab = code.table(dtype, "cpu")
+    z = _edge_inputs(tab.bounds, torch.Generator().manual_seed(2))
+    j = torch.bucketize(z, tab.bounds, right=True)
+    value, spikes = tab.lookup(z)
+    assert torch.equal(value, tab.biased[j]) and torch.equal(spikes, tab.spikes[j])
+    assert torch.equal(tab.index(z), j)  # the search every element takes off the CPU
+    assert torch.equal(tab.index(z.view(-1, 2)), j.view(-1, 2))  # any shape
+    if dtype == torch.float32 and primitive == "gelu" and T == 16:
+        assert tab.steps > 1 and bool((tab.grid.view(torch.int32)[0::2] < 0).any())  # denser cells exist
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("primitive", "T", "N"), [("gelu", 16, 4), ("rsqrt", 16, 8), ("identity", 3, 8)])
+def test_table_neuron_equals_step_by_step_at_breakpoints(primitive, T, N, dtype):
+    code = load_code(primitive, T, N)
+    bounds = code.table(dtype, "cpu").bounds
+    z = _edge_inputs(bounds[:: max(1, len(bounds) // 4000)], torch.Generator().manual_seed(3))
+    z = z[torch.isfinite(z)]
+    x = z + code.x0  # in_scale 1: the neuron normalises back to z
+    table, steps = MBENeuron(code), MBENeuron(code, fast=False)
+    assert torch.equal(table(x), steps(x))
+    assert torch.equal(table.spike_counts(x), steps.spike_counts(x))
+
+
+def test_nan_unchanged():
+    """NaN is refused by the evaluation (check_finite); inside a neuron the table path raises on it
+    (an out-of-range interval), the step path fires nothing."""
+    code = load_code("identity", 8, 8)
+    x = torch.tensor([float("nan"), 0.5])
+    with pytest.raises(IndexError):
+        MBENeuron(code)(x)
+    y = MBENeuron(code, fast=False)(x)
+    assert y[0] == code.bias and MBENeuron(code, fast=False).spike_counts(x)[0] == 0
+
+
+def test_counts_kept_for_the_counters_only_while_counting():
+    code = load_code("identity", 8, 8)
+    n = MBENeuron(code, 2.0, 2.0)
+    x = torch.linspace(-2, 2, 101)
+    n(x)
+    assert n._record is None  # nobody counts: nothing kept
+    counting = counting_cache()
+    counting.__enter__()
+    n(x)
+    kept = n.spike_counts(x)
+    assert n._record is not None and n._record[1] is kept  # answered from the forward's counts
+    assert torch.equal(kept, MBENeuron(code, 2.0, 2.0, fast=False).spike_counts(x))
+    assert n.spike_counts(x.clone()) is not kept and torch.equal(n.spike_counts(x.clone()), kept)
+    n.set_scale(1.0)  # a new scale: the kept counts are stale
+    assert n._record is None
+    n(x)
+    functional.reset_net(n)
+    assert n._record is None
+    n(x)
+    del x
+    assert n._record is None  # the record went with its tensor
+    counting.__exit__(None, None, None)
+
+
+def test_neuron_with_kept_counts_pickles():
+    import io
+    import pickle
+
+    n = MBENeuron(load_code("identity", 8, 8))
+    x = torch.linspace(-1, 1, 11)
+    with counting_cache():
+        n(x)
+    assert n._record is not None
+    buf = io.BytesIO()
+    torch.save(n, buf)
+    copy = pickle.loads(pickle.dumps(n))
+    assert copy._record is None and torch.equal(copy(x), n(x))
+    from csdlab.snn.mbe_ops import MBESoftmax
+
+    sm = MBESoftmax(MBENeuron(load_code("exp2", 8, 8)), MBENeuron(load_code("recip", 8, 8)))
+    scores = torch.randn(2, 5)
+    with counting_cache():
+        sm(scores)
+    assert sm._seen.ref is not None and pickle.loads(pickle.dumps(sm))._seen.ref is None
