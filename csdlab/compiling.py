@@ -34,6 +34,25 @@ log = logging.getLogger(__name__)
 COMPILE_ENV = "CSDLAB_COMPILE"
 
 
+def _separate_inductor_cache() -> None:
+    """One inductor cache folder per CPU capability. Inductor's on-disk cache does not key its C++
+    kernels on ``ATEN_CPU_CAPABILITY``: a process running with ``avx2`` reused the AVX-512 kernels of
+    an earlier process (or the reverse) and wrote out of bounds (heap corruption, values of 1e22).
+    A user's own ``TORCHINDUCTOR_CACHE_DIR`` is left as it is (torch itself writes its default
+    folder into that variable once it has used it: that one is replaced)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None and os.path.abspath(current) != default:
+        return
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}_{capability}"
+
+
+_separate_inductor_cache()
+
+
 def compile_allowed() -> bool:
     """False when ``CSDLAB_COMPILE`` is ``0`` / ``false`` / ``no`` / ``off``."""
     return os.environ.get(COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")

@@ -52,3 +52,16 @@ def test_first_call_says_it_compiles(monkeypatch: pytest.MonkeyPatch, caplog: py
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("compiling _axpy with torch.compile") for m in messages) == 1
     assert sum(m.startswith("compiled _axpy in ") for m in messages) == 1
+
+
+def test_inductor_cache_is_separate_per_cpu_capability() -> None:
+    """Kernels compiled under one ATEN_CPU_CAPABILITY must not be reused under another (inductor's
+    cache key ignores it: a process with avx2 reused AVX-512 kernels and corrupted the heap)."""
+    import os
+
+    import torch
+
+    import csdlab.compiling  # noqa: F401  sets the folder on import
+
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(f"_{capability}")
