@@ -216,7 +216,7 @@ def run(cpu: bool, data_dir: str, test_timeout: int, sections: list[str]) -> dic
 
 
 def table(doc: dict[str, Any]) -> str:
-    s, sz = doc["sections"], doc["sizes"]
+    s = doc["sections"]
     rows = [("figure", "ratio", "configuration")]
     described = {
         "ecmt_step_over_ann": lambda: f"{s['ecmt']['model']}, T = {s['ecmt']['T']}, batch {s['ecmt']['batch']}, "
