@@ -52,19 +52,27 @@ class ClassificationModule(L.LightningModule):
         mixup_alpha: Mixup alpha (0 disables).
         cutmix_alpha: CutMix alpha (0 disables).
         mixup_switch_prob: probability of CutMix instead of Mixup when both are enabled.
+        init_from: a csdlab training checkpoint of the same model (name and kwargs) whose weights
+            start this run; optimizer, schedule and epoch counter start afresh. For a second
+            training stage (a fine-tune with a new schedule); to continue an interrupted run use
+            ``--ckpt_path last`` instead.
     """
 
     def __init__(self, model_name: str = "csdformer_tiny", model_kwargs: dict[str, Any] | None = None,
                  pretrained: bool = False, optimizer: str = "adamw", lr: float = 5e-4,
                  weight_decay: float = 0.05, warmup_epochs: float = 0.0, min_lr: float = 1e-5,
                  warmup_lr: float = 1e-6, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
-                 cutmix_alpha: float = 0.0, mixup_switch_prob: float = 0.5) -> None:
+                 cutmix_alpha: float = 0.0, mixup_switch_prob: float = 0.5,
+                 init_from: str | None = None) -> None:
         super().__init__()
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
-        self.save_hyperparameters()
+        # init_from is not a property of the model: a checkpoint loaded later must not re-read it
+        self.save_hyperparameters(ignore=["init_from"])
         self.model = build_model(model_name, model_kwargs, pretrained)
+        if init_from is not None:
+            self._load_initial_weights(init_from)
         self.num_classes = self.model.num_classes
         from csdlab.lit.data import model_input_size
 
@@ -83,6 +91,17 @@ class ClassificationModule(L.LightningModule):
         })
         # how many images a (possibly limited) test covered, summed over processes
         self.test_images = SumMetric()
+
+    def _load_initial_weights(self, path: str) -> None:
+        ckpt = read_checkpoint(path)
+        saved = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        if not saved or "state_dict" not in ckpt:
+            raise ValueError(f"init_from={path} is not a csdlab training checkpoint (no hyper-parameters / "
+                             f"state_dict); pass a checkpoint written by train.py")
+        check_checkpoint_hparams(saved, self.hparams, path)
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        self.model.load_state_dict(state, strict=True)
+        log.info("weights initialised from %s (epoch %s)", path, ckpt.get("epoch"))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
