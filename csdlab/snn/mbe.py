@@ -478,7 +478,8 @@ def load_codes(T: int, N: int, directory: Path | str | None = None) -> dict[str,
     if not path.is_file():
         shipped = sorted(p.name for p in table_path(T, N).parent.glob("mbe_T*_N*.json"))
         raise ValueError(f"no fitted MBE parameters for T={T}, N={N} ({path} missing; shipped: {shipped}). "
-                         f"Fit them with `{FIT_COMMAND} --Ts {T} --Ns {N}` (csdlab.snn.mbe_fit.fit_all).")
+                         f"Fit them with `{FIT_COMMAND} --Ts {T} --Ns {N}` (csdlab.snn.mbe_fit.fit_all; it names the "
+                         f"folder it writes) and convert with `--model.converter.table_dir <that folder>`.")
     data = json.loads(path.read_text())
     return {name: MBECode.from_dict(d) for name, d in data["codes"].items()}
 
