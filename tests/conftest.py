@@ -4,6 +4,8 @@ import pytest
 
 from tests.checkpoints import digits_qann, digits_vit  # noqa: F401  session fixtures for every test folder
 
+pytest_plugins = ["tests.interrupt"]  # Ctrl-C inside a Lightning run ends the session
+
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never write W&B runs
 
 

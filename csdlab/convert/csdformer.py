@@ -59,10 +59,8 @@ class SpikingCSDformer(SpikingModel):
 
     def __init__(self, model: CSDformer, time_steps: int, delay: int, levels: int,
                  config: dict[str, Any] | None = None) -> None:
-        super().__init__()
+        super().__init__(time_steps)
         self.model = model
-        self.time_steps = time_steps
-        self.readout_steps = list(range(1, time_steps + 1))
         self.delay = delay
         self.levels = levels
         self.config = dict(config or {})

@@ -184,14 +184,10 @@ class SpikingViT(SpikingModel):
 
     def __init__(self, net: nn.Module, time_steps: int, multi_step: bool = True,
                  images_per_pass: int | None = None) -> None:
-        super().__init__()
-        if not isinstance(time_steps, int) or time_steps < 1:
-            raise ValueError(f"time_steps must be an integer >= 1, got {time_steps!r}")
+        super().__init__(time_steps)
         if images_per_pass is not None and images_per_pass < 1:
             raise ValueError(f"images_per_pass must be >= 1 or None (ceil(160 / T)), got {images_per_pass!r}")
         self.net = net
-        self.time_steps = time_steps
-        self.readout_steps = list(range(1, time_steps + 1))
         self.multi_step = multi_step
         self.images_per_pass = images_per_pass or math.ceil(IMAGE_STEPS_PER_PASS / time_steps)
         for m in net.modules():

@@ -120,10 +120,8 @@ class MBESpikingModel(SpikingModel):
     """
 
     def __init__(self, snn: nn.Module, T: int) -> None:
-        super().__init__()
+        super().__init__(T, readout_steps=[T])
         self.snn = snn
-        self.time_steps = T
-        self.readout_steps = [T]
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

@@ -445,13 +445,11 @@ class STASpikingModel(SpikingModel):
 
     def __init__(self, net: fx.GraphModule, sites: dict[str, EncoderSite], time_steps: int,
                  images_per_pass: int | None = None) -> None:
-        super().__init__()
+        super().__init__(int(time_steps))
         from spikingjelly.activation_based import functional
 
         self.net = net
         self._sites = dict(sites)
-        self.time_steps = int(time_steps)
-        self.readout_steps = list(range(1, self.time_steps + 1))
         self.images_per_pass = images_per_pass
         functional.set_step_mode(self.net, "m")
 

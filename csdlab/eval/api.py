@@ -15,16 +15,40 @@ rates per site, energy, tables, JSON, plots, W&B, DDP) is done by :mod:`csdlab.e
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SpikingModel", "Converter", "CONVERTERS", "AllReduce", "GradedSpikeSource", "SpikeTrainSource"]
+__all__ = ["SpikingModel", "Converter", "CONVERTERS", "AllReduce", "EventCounting", "OpCounting",
+           "GradedSpikeSource", "SpikeTrainSource"]
 
 # sums a tensor over every process (identity in a single process)
 AllReduce = Callable[[Tensor], Tensor]
+
+
+@runtime_checkable
+class EventCounting(Protocol):
+    """A neuron site (one of :meth:`SpikingModel.sites`): it says how many events it sent. The firing
+    counter (:class:`csdlab.eval.counters.FiringCounter`) calls it from a forward hook and raises,
+    naming the site, for a site without it."""
+
+    def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """``(events, neuron_steps)`` of this call: spikes (binary), graded spikes or bursts (each
+        counted once), and neurons x steps simulated; tensors stay on the device."""
+
+
+@runtime_checkable
+class OpCounting(Protocol):
+    """A module that counts its own synaptic work (a product of two spiking operands, a
+    multi-step layer, an expectation-compensation product). The operation counter
+    (:class:`csdlab.eval.counters.OpCounter`) calls it from a forward hook and does not descend
+    into its children; a parameterised module that neither counts itself, is a Conv2d / Linear nor
+    is declared in :meth:`SpikingModel.uncounted_modules` makes the counter raise, naming it."""
+
+    def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """``(macs, acs)`` of this call: floats, or 1-D tensors with one entry per time step."""
 
 
 @runtime_checkable
@@ -60,6 +84,17 @@ class SpikingModel(nn.Module, ABC):
 
     time_steps: int
     readout_steps: list[int]
+
+    def __init__(self, time_steps: int, readout_steps: Sequence[int] | None = None) -> None:
+        """``readout_steps`` defaults to every step ``1..time_steps`` (an anytime readout)."""
+        super().__init__()
+        if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
+            raise ValueError(f"T (time steps) must be an integer >= 1, got {time_steps!r}")
+        steps = list(range(1, time_steps + 1)) if readout_steps is None else [int(t) for t in readout_steps]
+        if not steps or steps != sorted(set(steps)) or steps[0] < 1 or steps[-1] > time_steps:
+            raise ValueError(f"readout_steps must be increasing steps within 1..{time_steps}, got {readout_steps!r}")
+        self.time_steps = time_steps
+        self.readout_steps = steps
 
     @abstractmethod
     def forward(self, images: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from csdlab.eval.api import EventCounting, OpCounting
 from csdlab.snn.counting import counting_cache, synaptic_events
 
 __all__ = ["E_MAC_PJ", "E_AC_PJ", "energy_ratio", "HookCounter", "FiringCounter", "OpCounter",
@@ -93,7 +94,7 @@ class FiringCounter(HookCounter):
 
     def __init__(self, sites: Mapping[str, nn.Module], device: torch.device | str | None = None) -> None:
         super().__init__()
-        missing = [n for n, m in sites.items() if not hasattr(m, "count_events")]
+        missing = [n for n, m in sites.items() if not isinstance(m, EventCounting)]
         if missing:
             raise TypeError(f"neuron sites without count_events(inputs, output): {missing[:5]}; a site must say "
                             "what one event is (see csdlab.eval.api.SpikingModel.sites)")
@@ -152,7 +153,7 @@ class OpCounter(HookCounter):
 
     @staticmethod
     def _counted(m: nn.Module) -> bool:
-        return hasattr(m, "count_ops") or isinstance(m, (nn.Conv2d, nn.Linear))
+        return isinstance(m, (OpCounting, nn.Conv2d, nn.Linear))
 
     def _walk(self, module: nn.Module, prefix: str, undeclared: list[str]) -> None:
         if any(True for _ in module.parameters(recurse=False)) and not self._counted(module) \
@@ -162,7 +163,7 @@ class OpCounter(HookCounter):
             qual = prefix + name
             if self._counted(child):
                 self._targets.append((qual, child))
-                if hasattr(child, "count_ops"):
+                if isinstance(child, OpCounting):
                     continue  # it counts its own inner layers
             self._walk(child, qual + ".", undeclared)
 
@@ -193,7 +194,7 @@ class OpCounter(HookCounter):
         if ops is None:
             device = output.device if isinstance(output, Tensor) else "cpu"
             ops = self.layers[name] = torch.zeros(2, self.steps, dtype=torch.float64, device=device)
-        if hasattr(module, "count_ops"):
+        if hasattr(module, "count_ops"):  # OpCounting; hasattr because this runs per call (a Protocol check is slow)
             macs, acs = module.count_ops(inputs, output)
             self._add(ops, 0, macs, step)
             self._add(ops, 1, acs, step)

@@ -143,3 +143,25 @@ def test_contract(case) -> None:
                 if cls.calibration_is_exact_across_processes:
                     torch.testing.assert_close(out, ref(x), rtol=1e-6, atol=1e-6, msg=f"{label}: 2 processes != 1")
         assert summary  # a calibrating converter reports what it fixed
+
+
+def test_spiking_model_constructor_refuses_impossible_steps():
+    from csdlab.eval.api import SpikingModel
+
+    class Null(SpikingModel):
+        def forward(self, images):
+            return images
+
+        def sites(self):
+            return {}
+
+        def analog_layers(self):
+            return []
+
+    assert Null(3).readout_steps == [1, 2, 3] and Null(4, [4]).readout_steps == [4]
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="T \\(time steps\\) must be an integer >= 1"):
+            Null(bad)
+    for steps in ([], [0, 1], [2, 1], [1, 5]):
+        with pytest.raises(ValueError, match="readout_steps must be increasing steps within 1..4"):
+            Null(4, steps)
