@@ -29,7 +29,9 @@ def join_stages(paths: Sequence[str | Path]) -> list[dict[str, str]]:
             raise ValueError(f"{path} is not a Lightning CSV log (no 'epoch' column)")
         for r in stage_rows:
             rows.append({**r, "stage": str(stage), "epoch": str(int(r["epoch"]) + offset)})
-        offset = max(int(r["epoch"]) for r in rows) + 1
+        # the next stage starts after the last trained epoch (a test row after fit carries epoch + 1)
+        trained = [int(r["epoch"]) for r in rows if any(v and k.startswith(("train/", "val/")) for k, v in r.items())]
+        offset = max(trained, default=offset - 1) + 1
     return rows
 
 
@@ -61,9 +63,12 @@ def plot_training(rows: list[dict[str, str]], out: str | Path) -> tuple[Path, Pa
     ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="training loss")
     ax_lr.plot(*_per_epoch(rows, "train/lr"))
     ax_lr.set(xlabel="epoch", ylabel="learning rate (epoch mean)", title="schedule")
-    for stage_end in sorted({int(r["epoch"]) for r in rows if r["stage"] != rows[-1]["stage"]})[-1:]:
-        for ax in (ax_acc, ax_loss, ax_lr):  # where the next stage starts
-            ax.axvline(stage_end + 1.5, linestyle="--", linewidth=1, color="gray")
+    starts = {}
+    for r in rows:
+        starts.setdefault(r["stage"], int(r["epoch"]))
+    for first in list(starts.values())[1:]:  # where each later stage starts (epochs plotted 1-based)
+        for ax in (ax_acc, ax_loss, ax_lr):
+            ax.axvline(first + 0.5, linestyle="--", linewidth=1, color="gray")
     for ax in (ax_acc, ax_loss, ax_lr):
         ax.grid(alpha=0.3)
     return csv_path, _save(fig, out.with_suffix(".png"))
