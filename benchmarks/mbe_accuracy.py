@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -46,24 +47,26 @@ def mbe_accuracies(Ts: list[int], limit: int = 10_000, data_dir: str | None = No
 
 @torch.no_grad()
 def primitive_errors(T: int, bases: int = 8, gelu_bases: int = 4, images: int = 256,
-                     data_dir: str | None = None) -> dict[str, dict[str, float]]:
+                     data_dir: str | None = None, checkpoint: Path | str = ASSET,
+                     codes: str = "fitted") -> dict[str, dict[str, float]]:
     """MSE of each fitted primitive on the inputs the ViT actually feeds it (training images).
 
     The network runs with exact neurons (it is the ANN); every neuron's input is captured and its
     fitted version compared with the exact function there. Identity sites: MSE divided by the
-    site's range squared (the unit range the code is fitted on), averaged over sites.
+    site's range squared (the unit range the code is fitted on), averaged over sites. Also the
+    range of the inputs each primitive saw (``lo``, ``hi``, over its sites).
     """
     from csdlab.convert.mbe import calibrate_ranges, convert_vit_mbe
     from csdlab.convert.mbe_vit import mbe_sites
     from csdlab.snn.mbe import PRIMITIVES, MBENeuron
 
-    model, _ = load_classifier(ASSET)
+    model, _ = load_classifier(checkpoint)
     model.eval()
     dm = ImageDataModule("fashion_mnist", data_dir or tempfile.mkdtemp(prefix="fmnist_"), batch_size=images,
                          augment=False)
     x, _ = next(iter(dm.calibration_dataloader()))
     ranges = calibrate_ranges(model, [x], lambda t: t, T=T, N=bases, gelu_bases=gelu_bases)
-    snn = convert_vit_mbe(model, T, bases, gelu_bases, ranges, exact=True)
+    snn = convert_vit_mbe(model, T, bases, gelu_bases, ranges, exact=True, codes=codes)
     seen: dict[str, list] = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, []).append(i[0]))
              for n, m in mbe_sites(snn).items()]
@@ -71,6 +74,7 @@ def primitive_errors(T: int, bases: int = 8, gelu_bases: int = 4, images: int = 
     for h in hooks:
         h.remove()
     errs: dict[str, list[float]] = {}
+    span: dict[str, list[float]] = {}
     for name, m in mbe_sites(snn).items():
         inp = torch.cat([t.flatten() for t in seen[name]]).double()
         fitted = MBENeuron(m.code, float(m.in_scale), float(m.out_scale))
@@ -79,7 +83,10 @@ def primitive_errors(T: int, bases: int = 8, gelu_bases: int = 4, images: int = 
         if m.code.primitive == "identity":
             mse /= float(m.in_scale) ** 2
         errs.setdefault(m.code.primitive, []).append(mse)
-    return {k: {"mean_mse": sum(v) / len(v), "max_mse": max(v), "sites": len(v)} for k, v in errs.items()}
+        lo, hi = span.setdefault(m.code.primitive, [math.inf, -math.inf])
+        span[m.code.primitive] = [min(lo, float(inp.min())), max(hi, float(inp.max()))]
+    return {k: {"mean_mse": sum(v) / len(v), "max_mse": max(v), "sites": len(v), "lo": span[k][0], "hi": span[k][1]}
+            for k, v in errs.items()}
 
 
 def main() -> None:
@@ -89,14 +96,20 @@ def main() -> None:
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--primitive-errors", action="store_true", help="only the per-primitive errors on real inputs")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--checkpoint", default=str(ASSET), help="for --primitive-errors")
+    p.add_argument("--codes", default="fitted", help="code variant for --primitive-errors (CODE_VARIANTS)")
+    p.add_argument("--gelu-bases", type=int, default=4, help="GELU bases for --primitive-errors")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
     if a.primitive_errors:
         for T in a.Ts:
-            for k, v in primitive_errors(T, data_dir=a.data_dir).items():
-                log.info("T=%d %-8s mean MSE %.3g  max %.3g  (%d sites)", T, k, v["mean_mse"], v["max_mse"], v["sites"])
+            errs = primitive_errors(T, gelu_bases=a.gelu_bases, data_dir=a.data_dir, checkpoint=a.checkpoint,
+                                    codes=a.codes)
+            for k, v in errs.items():
+                log.info("T=%d %-8s mean MSE %.3g  max %.3g  (%d sites, inputs %.3g .. %.3g)", T, k, v["mean_mse"],
+                         v["max_mse"], v["sites"], v["lo"], v["hi"])
         return
     t0 = time.perf_counter()
     acc = mbe_accuracies(a.Ts, a.limit, a.data_dir)
