@@ -1,13 +1,17 @@
 """Fashion-MNIST top-1 of the MBE SNN of ``assets/fmnist_vit_tiny.ckpt`` (docs/mbe.md figures).
 
     python benchmarks/mbe_accuracy.py [--Ts 8 10 12 16] [--limit 10000] [--ablation]
-    python benchmarks/mbe_accuracy.py --primitive-errors [--Ts 16]
+    python benchmarks/mbe_accuracy.py --primitive-errors [--Ts 16] [--checkpoint assets/fmnist_vit_deep.ckpt]
+    python benchmarks/mbe_accuracy.py --departures --Ts 4 8 --limit 2000
 
 Accuracy runs are ``convert.py test --config configs/convert/fmnist_vit_mbe.yaml`` (the one
 evaluation path: identity ranges calibrated on training images, never the test set) on the first
 ``--limit`` test images. ``--ablation`` adds, at the largest T, one operation group spiking at a
 time. ``--primitive-errors`` measures each fitted primitive on the inputs the ViT feeds it.
+``--departures`` takes back one of csdlab's departures from the paper's neuron at a time (converter
+options ``codes`` = ``truncating`` / ``unsigned`` / ``no_offsets``, ``global_range``; docs/mbe.md).
 """
+
 
 from __future__ import annotations
 
@@ -28,11 +32,22 @@ log = logging.getLogger("mbe_accuracy")
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "assets" / "fmnist_vit_tiny.ckpt"
 
+# the rows of the departures table: converter options on top of the shipped configuration
+DEPARTURES = {
+    "csdlab (fitted, signed, offsets, per-site ranges)": {},
+    "plain truncating identity code (the paper's)": {"codes": "truncating"},
+    "one global range": {"global_range": "true"},
+    "unsigned bases (identity, GELU)": {"codes": "unsigned"},
+    "no offsets (refitted with delta = 0)": {"codes": "no_offsets"},
+}
+
 
 def mbe_accuracies(Ts: list[int], limit: int = 10_000, data_dir: str | None = None,
-                   switches: dict[str, bool] | None = None) -> dict[str, float]:
+                   switches: dict[str, bool] | None = None, options: dict[str, str] | None = None,
+                   figures: dict[str, float] | None = None) -> dict[str, float]:
     """``{"ann": top1, "T8": top1, ...}`` (fractions) on the first ``limit`` test images, through
-    ``convert.py``'s MBE config."""
+    ``convert.py``'s MBE config (``options``: more ``--model.converter.<key>`` values; ``figures``:
+    filled with the run's whole figure dictionary)."""
     from csdlab.cli import make_convert_cli
 
     out = tempfile.mkdtemp(prefix="mbe_accuracy_")
@@ -41,7 +56,10 @@ def mbe_accuracies(Ts: list[int], limit: int = 10_000, data_dir: str | None = No
             "--data.limit", str(limit), "--data.data_dir", data_dir or f"{out}/data",
             "--report.out_dir", out, "--trainer.default_root_dir", out, "--progress_bar.refresh_rate", "0"]
     args += [f"--model.converter.{g}={str(on).lower()}" for g, on in (switches or {}).items()]
+    args += [f"--model.converter.{k}={v}" for k, v in (options or {}).items()]
     f = make_convert_cli(args).model.results["figures"]
+    if figures is not None:
+        figures.update(f)
     return {"ann": f["ref/top1"], **{f"T{T}": f[f"snn/T{T}/top1"] for T in Ts}}
 
 
@@ -95,6 +113,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=10_000)
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--primitive-errors", action="store_true", help="only the per-primitive errors on real inputs")
+    p.add_argument("--departures", action="store_true", help="only the beyond-the-paper table (DEPARTURES)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--checkpoint", default=str(ASSET), help="for --primitive-errors")
     p.add_argument("--codes", default="fitted", help="code variant for --primitive-errors (CODE_VARIANTS)")
@@ -110,6 +129,20 @@ def main() -> None:
             for k, v in errs.items():
                 log.info("T=%d %-8s mean MSE %.3g  max %.3g  (%d sites, inputs %.3g .. %.3g)", T, k, v["mean_mse"],
                          v["max_mse"], v["sites"], v["lo"], v["hi"])
+        return
+    if a.departures:
+        rows = []
+        for label, opts in DEPARTURES.items():
+            t0, f = time.perf_counter(), {}
+            mbe_accuracies(a.Ts, a.limit, a.data_dir, options=opts, figures=f)
+            cells = [f"{100 * f[f'snn/T{T}/top1']:.2f} / {100 * f[f'snn/T{T}/agreement']:.2f} / "
+                     f"{f[f'snn/T{T}/logit_error']:.3g}" for T in a.Ts]
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+            log.info("%s: %s (ANN %.2f %%, %.0f s)", label, cells, 100 * f["ref/top1"], time.perf_counter() - t0)
+        log.info("| variant | " + " | ".join(f"T = {T}: top-1 / agreement (%) / logit error" for T in a.Ts) + " |")
+        log.info("|---|" + "---|" * len(a.Ts))
+        for r in rows:
+            log.info(r)
         return
     t0 = time.perf_counter()
     acc = mbe_accuracies(a.Ts, a.limit, a.data_dir)

@@ -128,10 +128,10 @@ def initial_code(primitive: str, T: int, N: int, mode: str | None = None, offset
     return code
 
 
-def _points(primitive: str, M: int, seed: int) -> Tensor:
-    prim = PRIMITIVES[primitive]
+def _points(primitive: str, M: int, seed: int, domain: tuple[float, float] | None = None) -> Tensor:
+    lo, hi = domain or (PRIMITIVES[primitive].lo, PRIMITIVES[primitive].hi)
     g = torch.Generator().manual_seed(seed)
-    return prim.lo + (prim.hi - prim.lo) * torch.rand(M, generator=g, dtype=torch.float64)
+    return lo + (hi - lo) * torch.rand(M, generator=g, dtype=torch.float64)
 
 
 def _basis_outputs(code: MBECode, z: Tensor) -> Tensor:
@@ -169,15 +169,16 @@ def _exact_mse(code: MBECode, x: Tensor, y: Tensor) -> float:
 
 
 def fit_primitive(primitive: str, T: int, N: int, config: FitConfig | None = None,
-                  mode: str | None = None, offsets: bool = True) -> tuple[MBECode, dict[str, float]]:
+                  mode: str | None = None, offsets: bool = True,
+                  domain: tuple[float, float] | None = None) -> tuple[MBECode, dict[str, float]]:
     """Fit one primitive at ``(T, N)``; returns the code and ``{"mse_init", "mse_fit"}`` on the
     fitting points (exact Heaviside). ``mode``: :func:`initial_code`'s sign handling;
     ``offsets=False`` keeps every initial membrane offset ``delta_n`` at 0 (the paper's neuron has
-    none)."""
+    none). ``domain``: fitting points on this interval instead of the primitive's domain."""
     cfg = config or FitConfig()
     prim = PRIMITIVES[primitive]
     with _one_thread():
-        x = _points(primitive, cfg.points, cfg.seed)
+        x = _points(primitive, cfg.points, cfg.seed, domain)
         y = prim.fn(x)
         code = _least_squares(initial_code(primitive, T, N, mode, offsets), x, y)
         mse_init = _exact_mse(code, x, y)
