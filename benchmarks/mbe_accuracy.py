@@ -34,11 +34,11 @@ ASSET = ROOT / "assets" / "fmnist_vit_tiny.ckpt"
 
 # the rows of the departures table: converter options on top of the shipped configuration
 DEPARTURES = {
-    "csdlab (fitted, signed, offsets, per-site ranges)": {},
-    "plain truncating identity code (the paper's)": {"codes": "truncating"},
-    "one global range": {"global_range": "true"},
-    "unsigned bases (identity, GELU)": {"codes": "unsigned"},
-    "no offsets (refitted with delta = 0)": {"codes": "no_offsets"},
+    "csdlab": ("csdlab (fitted, signed, offsets, per-site ranges)", {}),
+    "truncating": ("plain truncating identity code (the paper's)", {"codes": "truncating"}),
+    "global_range": ("one global range", {"global_range": "true"}),
+    "unsigned": ("unsigned bases (identity, GELU)", {"codes": "unsigned"}),
+    "no_offsets": ("no offsets (refitted with delta = 0)", {"codes": "no_offsets"}),
 }
 
 
@@ -113,7 +113,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=10_000)
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--primitive-errors", action="store_true", help="only the per-primitive errors on real inputs")
-    p.add_argument("--departures", action="store_true", help="only the beyond-the-paper table (DEPARTURES)")
+    p.add_argument("--departures", nargs="*", choices=list(DEPARTURES), default=None,
+                   help="only the beyond-the-paper table (rows of DEPARTURES; none named: all)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--checkpoint", default=str(ASSET), help="for --primitive-errors")
     p.add_argument("--codes", default="fitted", help="code variant for --primitive-errors (CODE_VARIANTS)")
@@ -130,9 +131,9 @@ def main() -> None:
                 log.info("T=%d %-8s mean MSE %.3g  max %.3g  (%d sites, inputs %.3g .. %.3g)", T, k, v["mean_mse"],
                          v["max_mse"], v["sites"], v["lo"], v["hi"])
         return
-    if a.departures:
+    if a.departures is not None:
         rows = []
-        for label, opts in DEPARTURES.items():
+        for label, opts in (DEPARTURES[k] for k in (a.departures or DEPARTURES)):
             t0, f = time.perf_counter(), {}
             mbe_accuracies(a.Ts, a.limit, a.data_dir, options=opts, figures=f)
             cells = [f"{100 * f[f'snn/T{T}/top1']:.2f} / {100 * f[f'snn/T{T}/agreement']:.2f} / "

@@ -177,7 +177,8 @@ def fit_primitive(primitive: str, T: int, N: int, config: FitConfig | None = Non
     none). ``domain``: fitting points on this interval instead of the primitive's domain."""
     cfg = config or FitConfig()
     prim = PRIMITIVES[primitive]
-    with _one_thread():
+    # gradients on, whatever the caller's mode (a converter refits inside Lightning's test loop)
+    with _one_thread(), torch.inference_mode(False), torch.enable_grad():
         x = _points(primitive, cfg.points, cfg.seed, domain)
         y = prim.fn(x)
         code = _least_squares(initial_code(primitive, T, N, mode, offsets), x, y)
