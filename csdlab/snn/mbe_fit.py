@@ -281,9 +281,10 @@ def variant_codes(T: int, N: int, variant: str = "fitted", table_dir: Path | str
     * ``fitted``: the shipped (or ``table_dir``) fits.
     * ``truncating``: identity neurons run the plain ``T``-bit truncating binary code (halving,
       equal bases, no offsets: the paper's neuron for ``x``); the other primitives as fitted.
-    * ``unsigned``: identity and GELU refitted with positive bases only (inputs shifted by the
-      domain's lower end, :func:`initial_code` mode ``shift``), the way ``2^x``, ``1/x``,
-      ``1/sqrt(x)`` are coded.
+    * ``unsigned``: identity and GELU refitted with positive bases only: the identity with its
+      inputs shifted by the domain's lower end (:func:`initial_code` mode ``shift``, the way
+      ``2^x``, ``1/x``, ``1/sqrt(x)`` are coded), GELU coding ``x >= 0`` only (mode ``positive``,
+      the paper as written and the better unsigned GELU: docs/mbe.md, "Negative inputs").
     * ``no_offsets``: every primitive refitted with its initial membrane offsets fixed at 0.
 
     Refits use the default :class:`FitConfig` (as the shipped tables) and are cached per process.
@@ -294,7 +295,8 @@ def variant_codes(T: int, N: int, variant: str = "fitted", table_dir: Path | str
     if variant == "truncating":
         codes["identity"] = initial_code("identity", T, N, offsets=False)
     elif variant == "unsigned":
-        codes.update({p: _refit(p, T, N, "shift", True) for p in ("identity", "gelu")})
+        codes["identity"] = _refit("identity", T, N, "shift", True)
+        codes["gelu"] = _refit("gelu", T, N, "positive", True)
     elif variant == "no_offsets":
         codes.update({p: _refit(p, T, N, None, False) for p in codes})
     return codes
