@@ -27,13 +27,14 @@ from timm.layers.attention import Attention
 from timm.layers.mlp import Mlp
 from torch import Tensor, nn
 
-from csdlab.convert.mbe_vit import EXACT_GROUPS, MBEAttention, MBEMlp, MBESpikingModel, NeuronFactory, mbe_sites
+from csdlab.convert.mbe_vit import (EXACT_GROUPS, MBEAttention, MBEMlp, MBESpikingModel, NeuronFactory,
+                                    check_exact_groups, mbe_sites)
 from csdlab.convert.passes import swap_modules
 from csdlab.convert.vit import all_reduce_with_count, check_images, observe_sites, rewrite_vit, skeleton
 from csdlab.eval.api import AllReduce, Converter, SpikingModel
 from csdlab.snn.counting import bincount_below
 from csdlab.snn.mbe import FIT_COMMAND, MBENeuron, load_codes
-from csdlab.snn.mbe_fit import CODE_VARIANTS, variant_codes
+from csdlab.snn.mbe_fit import check_code_variant, variant_codes
 from csdlab.snn.mbe_ops import ANDProduct, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
 
 __all__ = ["MBEConverter", "convert_vit_mbe", "identity_sites", "set_ranges", "calibrate_ranges", "GROUPS"]
@@ -246,12 +247,8 @@ class MBEConverter(Converter):
         if not 0 < range_percentile <= 100:
             raise ValueError(f"range_percentile must be in (0, 100], got {range_percentile}")
         self.range_percentile, self.fast, self.table_dir = range_percentile, fast, table_dir
-        unknown = sorted(set(exact) - set(EXACT_GROUPS) - {"identity"})
-        if unknown:
-            raise ValueError(f"unknown MBE exact group(s) {unknown}: choose from {list(EXACT_GROUPS)} or 'identity'")
-        if codes not in CODE_VARIANTS:
-            raise ValueError(f"unknown MBE codes {codes!r}: choose one of {CODE_VARIANTS}")
-        self.exact, self.ablation, self.global_range, self.codes = frozenset(exact), ablation, global_range, codes
+        self.exact, self.codes = check_exact_groups(exact), check_code_variant(codes)
+        self.ablation, self.global_range = ablation, global_range
         self.ranges: dict[str, float] | None = None
         for T in self.Ts:  # fail before any data is read
             load_codes(T, self.bases, table_dir)

@@ -16,6 +16,8 @@ neuron (value presented once), so no tensor carries a time axis; the readout is 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from spikingjelly.activation_based import functional
 from timm.layers.attention import Attention
@@ -28,13 +30,27 @@ from csdlab.eval.api import SpikingModel
 from csdlab.snn.mbe import MBECode, MBENeuron
 from csdlab.snn.mbe_ops import MBELinear, MBEProduct, MBESoftmax
 
-__all__ = ["NeuronFactory", "EXACT_GROUPS", "IDENTITY_ROLES", "MBEAttention", "MBEMlp", "MBESpikingModel", "mbe_sites"]
+__all__ = ["NeuronFactory", "EXACT_GROUPS", "IDENTITY_ROLES", "check_exact_groups", "MBEAttention", "MBEMlp",
+           "MBESpikingModel", "mbe_sites"]
 
 
 # neuron groups that :class:`NeuronFactory` can make exact one at a time (the per-group ablation,
 # docs/mbe.md §5): the four fitted primitives, and the identity neurons by the role of their site
 EXACT_GROUPS = ("gelu", "exp2", "recip", "rsqrt", "centred", "products", "linear_inputs")
 IDENTITY_ROLES = ("centred", "products", "linear_inputs")
+
+
+def check_exact_groups(groups: Iterable[str]) -> frozenset[str]:
+    """``groups`` as a set, each a member of :data:`EXACT_GROUPS` or ``"identity"``.
+
+    Raises:
+        ValueError: an unknown group (named, with the choices).
+    """
+    groups = frozenset(groups)
+    unknown = sorted(groups - set(EXACT_GROUPS) - {"identity"})
+    if unknown:
+        raise ValueError(f"unknown MBE exact group(s) {unknown}: choose from {list(EXACT_GROUPS)} or 'identity'")
+    return groups
 
 
 class NeuronFactory:
@@ -51,11 +67,8 @@ class NeuronFactory:
 
     def __init__(self, codes: dict[str, MBECode], gelu_code: MBECode, fast: bool, exact: bool,
                  exact_groups: frozenset[str] = frozenset()) -> None:
-        unknown = sorted(set(exact_groups) - set(EXACT_GROUPS) - {"identity"})
-        if unknown:
-            raise ValueError(f"unknown MBE exact group(s) {unknown}; choose from {list(EXACT_GROUPS)} or 'identity'")
         self.codes, self.gelu_code, self.fast, self.exact = codes, gelu_code, fast, exact
-        self.exact_groups = frozenset(exact_groups)
+        self.exact_groups = check_exact_groups(exact_groups)
 
     def neuron(self, primitive: str, role: str | None = None) -> MBENeuron:
         """A neuron for ``primitive``; identity neurons name their site's ``role`` (:data:`IDENTITY_ROLES`)."""

@@ -32,7 +32,7 @@ from torch import Tensor
 from csdlab.snn.mbe import PRIMITIVES, MBECode, decay, load_codes, run_steps, table_path
 
 __all__ = ["fit_primitive", "fit_all", "initial_code", "mse_on_grid", "FitConfig", "SIGN_MODES", "CODE_VARIANTS",
-           "variant_codes"]
+           "variant_codes", "check_code_variant"]
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +275,13 @@ def _refit(primitive: str, T: int, N: int, mode: str | None, offsets: bool) -> M
     return code
 
 
+def check_code_variant(variant: str) -> str:
+    """``variant`` if it is one of :data:`CODE_VARIANTS`; else a ValueError naming the choices."""
+    if variant not in CODE_VARIANTS:
+        raise ValueError(f"unknown MBE code variant {variant!r}: choose one of {CODE_VARIANTS}")
+    return variant
+
+
 def variant_codes(T: int, N: int, variant: str = "fitted", table_dir: Path | str | None = None) -> dict[str, MBECode]:
     """The codes of every primitive at ``(T, N)`` for one of :data:`CODE_VARIANTS`.
 
@@ -289,8 +296,7 @@ def variant_codes(T: int, N: int, variant: str = "fitted", table_dir: Path | str
 
     Refits use the default :class:`FitConfig` (as the shipped tables) and are cached per process.
     """
-    if variant not in CODE_VARIANTS:
-        raise ValueError(f"unknown MBE code variant {variant!r}; choose one of {CODE_VARIANTS}")
+    check_code_variant(variant)
     codes = dict(load_codes(T, N, table_dir))
     if variant == "truncating":
         codes["identity"] = initial_code("identity", T, N, offsets=False)

@@ -318,7 +318,7 @@ def test_code_variants_take_back_one_departure_each(monkeypatch):
     assert any(bool((fitted[p].delta != 0).any()) for p in fitted)
     with pytest.raises(ValueError, match="unknown MBE code variant"):
         variant_codes(2, 4, "paper")
-    with pytest.raises(ValueError, match="unknown MBE codes"):
+    with pytest.raises(ValueError, match="unknown MBE code variant"):
         MBEConverter(Ts=[2], codes="paper")
 
 
