@@ -27,12 +27,14 @@ from timm.layers.attention import Attention
 from timm.layers.mlp import Mlp
 from torch import Tensor, nn
 
-from csdlab.convert.mbe_vit import MBEAttention, MBEMlp, MBESpikingModel, NeuronFactory, mbe_sites
+from csdlab.convert.mbe_vit import (EXACT_GROUPS, MBEAttention, MBEMlp, MBESpikingModel, NeuronFactory,
+                                    check_exact_groups, mbe_sites)
 from csdlab.convert.passes import swap_modules
 from csdlab.convert.vit import all_reduce_with_count, check_images, observe_sites, rewrite_vit, skeleton
 from csdlab.eval.api import AllReduce, Converter, SpikingModel
 from csdlab.snn.counting import bincount_below
 from csdlab.snn.mbe import FIT_COMMAND, MBENeuron, load_codes
+from csdlab.snn.mbe_fit import check_code_variant, variant_codes
 from csdlab.snn.mbe_ops import ANDProduct, MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
 
 __all__ = ["MBEConverter", "convert_vit_mbe", "identity_sites", "set_ranges", "calibrate_ranges", "GROUPS"]
@@ -58,7 +60,8 @@ def _check_int(name: str, value: Any) -> int:
 def convert_vit_mbe(model: nn.Module, T: int, N: int = 8, gelu_bases: int = 4,
                     ranges: dict[str, float] | None = None, gelu: bool = True, softmax: bool = True,
                     layernorm: bool = True, products: bool = True, linear_inputs: bool = True,
-                    fast: bool = True, exact: bool = False, table_dir: str | Path | None = None) -> nn.Module:
+                    fast: bool = True, exact: bool = False, table_dir: str | Path | None = None,
+                    exact_groups: Iterable[str] = (), codes: str = "fitted") -> nn.Module:
     """MBE SNN of a timm ``VisionTransformer`` (a converted deep copy; ``model`` is untouched).
 
     Args:
@@ -77,6 +80,10 @@ def convert_vit_mbe(model: nn.Module, T: int, N: int = 8, gelu_bases: int = 4,
         exact: every neuron replaced by its exact function (the converted network equals the ANN).
         table_dir: folder of fitted ``mbe_T{T}_N{N}.json`` files (``convert.py mbe-fit --out_dir``);
             ``None``: the tables shipped with csdlab.
+        exact_groups: neuron groups (:data:`~csdlab.convert.mbe_vit.EXACT_GROUPS`, or ``identity``)
+            replaced by their exact function while the rest spike (the per-group error ablation).
+        codes: one of :data:`~csdlab.snn.mbe_fit.CODE_VARIANTS` (``fitted``: the shipped codes; the
+            others take back one of csdlab's departures from the paper's neuron, docs/mbe.md).
 
     Raises:
         ValueError: bad ``T`` / ``N``; no fitted table for ``(T, N)`` (names the command that fits
@@ -86,15 +93,16 @@ def convert_vit_mbe(model: nn.Module, T: int, N: int = 8, gelu_bases: int = 4,
     _check_int("T", T)
     _check_int("N (bases)", N)
     _check_int("gelu_bases", gelu_bases)
-    codes = load_codes(T, N, table_dir)
-    gelu_code = load_codes(T, gelu_bases, table_dir)["gelu"]
-    make = NeuronFactory(codes, gelu_code, fast, exact)
+    code_set = variant_codes(T, N, codes, table_dir)
+    gelu_code = variant_codes(T, gelu_bases, codes, table_dir)["gelu"]
+    make = NeuronFactory(code_set, gelu_code, fast, exact, frozenset(exact_groups))
 
     def swap(net: nn.Module) -> list[str]:
         swapped: list[str] = []
         if layernorm:  # first, so the norms inside attention / MLP are converted too
             ln_types = {type(m) for m in net.modules() if isinstance(m, nn.LayerNorm)}
-            swapped += swap_modules(net, {t: lambda m: MBELayerNorm(m, make.neuron("identity"), make.neuron("rsqrt"))
+            swapped += swap_modules(net, {t: lambda m: MBELayerNorm(m, make.neuron("identity", "centred"),
+                                                                   make.neuron("rsqrt"))
                                           for t in ln_types})
         return swapped + swap_modules(net, {
             Attention: lambda m: MBEAttention(m, make, softmax, products, linear_inputs),
@@ -210,6 +218,16 @@ class MBEConverter(Converter):
         fast: exact-table neurons (same numbers as the step-by-step simulation).
         table_dir: folder of fitted parameter files (``convert.py mbe-fit --out_dir``); ``None``: the
             tables shipped with csdlab.
+        exact: neuron groups (:data:`~csdlab.convert.mbe_vit.EXACT_GROUPS`: ``gelu``, ``exp2``,
+            ``recip``, ``rsqrt``, the identity roles ``centred``, ``products``, ``linear_inputs``, or
+            ``identity`` for all three) replaced by their exact function in every variant.
+        ablation: besides ``T{T}``, one variant ``T{T}_exact_{group}`` per group of ``EXACT_GROUPS``
+            (that group exact, the rest spiking): the error each group leaves, in one run.
+        global_range: one identity range for every site (the largest calibrated one) instead of a
+            range per site (the paper's single scale; an ablation).
+        codes: :data:`~csdlab.snn.mbe_fit.CODE_VARIANTS`: ``fitted`` (default), or one of csdlab's
+            departures from the paper's neuron taken back (``truncating``, ``unsigned``,
+            ``no_offsets``; docs/mbe.md).
     """
 
     name = "mbe"
@@ -218,7 +236,8 @@ class MBEConverter(Converter):
     def __init__(self, Ts: list[int] = [8, 10, 12, 16], bases: int = 8, gelu_bases: int = 4,  # noqa: B006
                  gelu: bool = True, softmax: bool = True, layernorm: bool = True, products: bool = True,
                  linear_inputs: bool = True, range_percentile: float = 100.0, fast: bool = True,
-                 table_dir: str | None = None) -> None:
+                 table_dir: str | None = None, exact: list[str] = [], ablation: bool = False,  # noqa: B006
+                 global_range: bool = False, codes: str = "fitted") -> None:
         if not Ts:
             raise ValueError("Ts must list at least one T")
         self.Ts = [_check_int("T", T) for T in Ts]
@@ -228,6 +247,8 @@ class MBEConverter(Converter):
         if not 0 < range_percentile <= 100:
             raise ValueError(f"range_percentile must be in (0, 100], got {range_percentile}")
         self.range_percentile, self.fast, self.table_dir = range_percentile, fast, table_dir
+        self.exact, self.codes = check_exact_groups(exact), check_code_variant(codes)
+        self.ablation, self.global_range = ablation, global_range
         self.ranges: dict[str, float] | None = None
         for T in self.Ts:  # fail before any data is read
             load_codes(T, self.bases, table_dir)
@@ -241,16 +262,22 @@ class MBEConverter(Converter):
     def calibrate(self, model: nn.Module, batches: Iterable[Tensor], all_reduce: AllReduce) -> dict[str, Any]:
         self.ranges = calibrate_ranges(model, batches, all_reduce, self.range_percentile, self.Ts[0], self.bases,
                                        self.gelu_bases, self.table_dir, **self.switches)
+        if self.global_range and self.ranges:
+            widest = max(self.ranges.values())
+            self.ranges = dict.fromkeys(self.ranges, widest)
         return {"identity_ranges": dict(self.ranges), "range_percentile": self.range_percentile,
-                "fit_command": FIT_COMMAND}
+                "global_range": self.global_range, "codes": self.codes, "fit_command": FIT_COMMAND}
 
     def convert(self, model: nn.Module) -> dict[str, SpikingModel]:
         if self.ranges is None:
             raise ValueError("MBEConverter.convert needs identity ranges: call calibrate(model, batches, all_reduce) "
                              "on training images first")
         out: dict[str, SpikingModel] = {}
+        extra = [(f"_exact_{g}", {g}) for g in EXACT_GROUPS] if self.ablation else []
         for T in self.Ts:
-            snn = convert_vit_mbe(model, T, self.bases, self.gelu_bases, self.ranges, fast=self.fast,
-                                  table_dir=self.table_dir, **self.switches)
-            out[f"T{T}"] = MBESpikingModel(snn, T)
+            for suffix, groups in [("", set())] + extra:
+                snn = convert_vit_mbe(model, T, self.bases, self.gelu_bases, self.ranges, fast=self.fast,
+                                      table_dir=self.table_dir, exact_groups=self.exact | groups, codes=self.codes,
+                                      **self.switches)
+                out[f"T{T}{suffix}"] = MBESpikingModel(snn, T)
         return out

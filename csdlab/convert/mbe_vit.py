@@ -16,6 +16,8 @@ neuron (value presented once), so no tensor carries a time axis; the readout is 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from spikingjelly.activation_based import functional
 from timm.layers.attention import Attention
@@ -28,18 +30,55 @@ from csdlab.eval.api import SpikingModel
 from csdlab.snn.mbe import MBECode, MBENeuron
 from csdlab.snn.mbe_ops import MBELinear, MBEProduct, MBESoftmax
 
-__all__ = ["NeuronFactory", "MBEAttention", "MBEMlp", "MBESpikingModel", "mbe_sites"]
+__all__ = ["NeuronFactory", "EXACT_GROUPS", "IDENTITY_ROLES", "check_exact_groups", "MBEAttention", "MBEMlp",
+           "MBESpikingModel", "mbe_sites"]
+
+
+# neuron groups that :class:`NeuronFactory` can make exact one at a time (the per-group ablation,
+# docs/mbe.md §5): the four fitted primitives, and the identity neurons by the role of their site
+EXACT_GROUPS = ("gelu", "exp2", "recip", "rsqrt", "centred", "products", "linear_inputs")
+IDENTITY_ROLES = ("centred", "products", "linear_inputs")
+
+
+def check_exact_groups(groups: Iterable[str]) -> frozenset[str]:
+    """``groups`` as a set, each a member of :data:`EXACT_GROUPS` or ``"identity"``.
+
+    Raises:
+        ValueError: an unknown group (named, with the choices).
+    """
+    groups = frozenset(groups)
+    unknown = sorted(groups - set(EXACT_GROUPS) - {"identity"})
+    if unknown:
+        raise ValueError(f"unknown MBE exact group(s) {unknown}: choose from {list(EXACT_GROUPS)} or 'identity'")
+    return groups
 
 
 class NeuronFactory:
-    """Builds the neurons of one network: one shared code per primitive (tables built once)."""
+    """Builds the neurons of one network: one shared code per primitive (tables built once).
 
-    def __init__(self, codes: dict[str, MBECode], gelu_code: MBECode, fast: bool, exact: bool) -> None:
+    Args:
+        codes: the code of every primitive.
+        gelu_code: the GELU code (its own number of bases).
+        fast: exact-table neurons.
+        exact: every neuron replaced by its exact function.
+        exact_groups: groups of :data:`EXACT_GROUPS` (or ``"identity"``: all identity roles) whose
+            neurons are replaced by their exact function; the others spike.
+    """
+
+    def __init__(self, codes: dict[str, MBECode], gelu_code: MBECode, fast: bool, exact: bool,
+                 exact_groups: frozenset[str] = frozenset()) -> None:
         self.codes, self.gelu_code, self.fast, self.exact = codes, gelu_code, fast, exact
+        self.exact_groups = check_exact_groups(exact_groups)
 
-    def neuron(self, primitive: str) -> MBENeuron:
+    def neuron(self, primitive: str, role: str | None = None) -> MBENeuron:
+        """A neuron for ``primitive``; identity neurons name their site's ``role`` (:data:`IDENTITY_ROLES`)."""
+        if primitive == "identity" and role not in IDENTITY_ROLES:
+            raise ValueError(f"an identity neuron needs a role in {IDENTITY_ROLES}, got {role!r}")
+        group = role if primitive == "identity" else primitive
+        exact = (self.exact or group in self.exact_groups
+                 or (primitive == "identity" and "identity" in self.exact_groups))
         code = self.gelu_code if primitive == "gelu" else self.codes[primitive]
-        return MBENeuron(code, fast=self.fast, exact=self.exact)
+        return MBENeuron(code, fast=self.fast, exact=exact)
 
 
 class MBEAttention(nn.Module):
@@ -60,11 +99,12 @@ class MBEAttention(nn.Module):
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
         self.scale = float(attn.scale)
         self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
-        self.qkv = MBELinear(attn.qkv, make.neuron("identity")) if linear_inputs else attn.qkv
-        self.proj = MBELinear(attn.proj, make.neuron("identity")) if linear_inputs else attn.proj
-        self.qk = (MBEProduct(make.neuron("identity"), make.neuron("identity"), True, self.scale)
+        self.qkv = MBELinear(attn.qkv, make.neuron("identity", "linear_inputs")) if linear_inputs else attn.qkv
+        self.proj = MBELinear(attn.proj, make.neuron("identity", "linear_inputs")) if linear_inputs else attn.proj
+        self.qk = (MBEProduct(make.neuron("identity", "products"), make.neuron("identity", "products"), True,
+                              self.scale) if products else None)
+        self.av = (MBEProduct(make.neuron("identity", "products"), make.neuron("identity", "products"), True)
                    if products else None)
-        self.av = MBEProduct(make.neuron("identity"), make.neuron("identity"), True) if products else None
         self.softmax = MBESoftmax(make.neuron("exp2"), make.neuron("recip")) if softmax else nn.Softmax(dim=-1)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -93,14 +133,14 @@ class MBEMlp(nn.Module):
         super().__init__()
         if not isinstance(mlp.act, nn.GELU) or getattr(mlp.act, "approximate", "none") != "none":
             raise ValueError(f"MBE converts Mlp blocks with nn.GELU(approximate='none'), got {mlp.act}")
-        self.fc1 = MBELinear(mlp.fc1, make.neuron("identity")) if linear_inputs else mlp.fc1
+        self.fc1 = MBELinear(mlp.fc1, make.neuron("identity", "linear_inputs")) if linear_inputs else mlp.fc1
         self.norm = mlp.norm
         direct = gelu and isinstance(mlp.norm, nn.Identity)  # the GELU spikes drive fc2 themselves
         self.act = nn.Identity() if direct else (make.neuron("gelu") if gelu else mlp.act)
         if direct:
             self.fc2 = MBELinear(mlp.fc2, make.neuron("gelu"))
         else:
-            self.fc2 = MBELinear(mlp.fc2, make.neuron("identity")) if linear_inputs else mlp.fc2
+            self.fc2 = MBELinear(mlp.fc2, make.neuron("identity", "linear_inputs")) if linear_inputs else mlp.fc2
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.norm(self.act(self.fc1(x))))

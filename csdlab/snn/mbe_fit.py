@@ -16,6 +16,7 @@ fraction of a percent, the same network accuracy), not their bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -28,13 +29,17 @@ import torch
 from spikingjelly.activation_based import surrogate
 from torch import Tensor
 
-from csdlab.snn.mbe import PRIMITIVES, MBECode, decay, run_steps, table_path
+from csdlab.snn.mbe import PRIMITIVES, MBECode, decay, load_codes, run_steps, table_path
 
-__all__ = ["fit_primitive", "fit_all", "initial_code", "mse_on_grid", "FitConfig", "SIGN_MODES"]
+__all__ = ["fit_primitive", "fit_all", "initial_code", "mse_on_grid", "FitConfig", "SIGN_MODES", "CODE_VARIANTS",
+           "variant_codes", "check_code_variant"]
 
 log = logging.getLogger(__name__)
 
 SIGN_MODES = ("signed", "shift", "banks", "positive")
+# the codes a converter can run (docs/mbe.md, "Beyond the paper"): the shipped fits, and one
+# departure from the paper's neuron taken back at a time
+CODE_VARIANTS = ("fitted", "truncating", "unsigned", "no_offsets")
 
 
 class FitConfig:
@@ -76,7 +81,7 @@ def _geometric(hi: float, lo: float, k: int) -> list[float]:
     return [hi * (lo / hi) ** (j / (k - 1)) for j in range(k)]
 
 
-def initial_code(primitive: str, T: int, N: int, mode: str | None = None) -> MBECode:
+def initial_code(primitive: str, T: int, N: int, mode: str | None = None, offsets: bool = True) -> MBECode:
     """Halving-code initialisation with per-basis start values (knots where each basis saturates).
 
     Args:
@@ -97,7 +102,7 @@ def initial_code(primitive: str, T: int, N: int, mode: str | None = None) -> MBE
     ln2 = math.log(2.0)
     if primitive == "identity" and mode in ("signed", "banks"):
         code = MBECode.halving(T, 2 * N if mode == "banks" else N, 0.0, prim.hi * full, "identity",
-                               signed=True, dither=True)
+                               signed=True, dither=offsets)
         return code
     if mode in ("signed", "banks"):
         k_pos = N if mode == "banks" else N - N // 2
@@ -123,10 +128,10 @@ def initial_code(primitive: str, T: int, N: int, mode: str | None = None) -> MBE
     return code
 
 
-def _points(primitive: str, M: int, seed: int) -> Tensor:
-    prim = PRIMITIVES[primitive]
+def _points(primitive: str, M: int, seed: int, domain: tuple[float, float] | None = None) -> Tensor:
+    lo, hi = domain or (PRIMITIVES[primitive].lo, PRIMITIVES[primitive].hi)
     g = torch.Generator().manual_seed(seed)
-    return prim.lo + (prim.hi - prim.lo) * torch.rand(M, generator=g, dtype=torch.float64)
+    return lo + (hi - lo) * torch.rand(M, generator=g, dtype=torch.float64)
 
 
 def _basis_outputs(code: MBECode, z: Tensor) -> Tensor:
@@ -164,15 +169,19 @@ def _exact_mse(code: MBECode, x: Tensor, y: Tensor) -> float:
 
 
 def fit_primitive(primitive: str, T: int, N: int, config: FitConfig | None = None,
-                  mode: str | None = None) -> tuple[MBECode, dict[str, float]]:
+                  mode: str | None = None, offsets: bool = True,
+                  domain: tuple[float, float] | None = None) -> tuple[MBECode, dict[str, float]]:
     """Fit one primitive at ``(T, N)``; returns the code and ``{"mse_init", "mse_fit"}`` on the
-    fitting points (exact Heaviside)."""
+    fitting points (exact Heaviside). ``mode``: :func:`initial_code`'s sign handling;
+    ``offsets=False`` keeps every initial membrane offset ``delta_n`` at 0 (the paper's neuron has
+    none). ``domain``: fitting points on this interval instead of the primitive's domain."""
     cfg = config or FitConfig()
     prim = PRIMITIVES[primitive]
-    with _one_thread():
-        x = _points(primitive, cfg.points, cfg.seed)
+    # gradients on, whatever the caller's mode (a converter refits inside Lightning's test loop)
+    with _one_thread(), torch.inference_mode(False), torch.enable_grad():
+        x = _points(primitive, cfg.points, cfg.seed, domain)
         y = prim.fn(x)
-        code = _least_squares(initial_code(primitive, T, N, mode), x, y)
+        code = _least_squares(initial_code(primitive, T, N, mode, offsets), x, y)
         mse_init = _exact_mse(code, x, y)
         best, best_mse = code, mse_init
         raw = {"log_start": code.start.log(), "k_th": code.k_th.clone(), "k_r": code.k_r.clone(),
@@ -182,6 +191,8 @@ def fit_primitive(primitive: str, T: int, N: int, config: FitConfig | None = Non
             v.requires_grad_(True)
         if primitive == "identity":
             raw["bias"].requires_grad_(False)
+        if not offsets:
+            raw["delta"].requires_grad_(False)
         opt = torch.optim.Adam([v for v in raw.values() if v.requires_grad], lr=cfg.lr)
         sg = surrogate.Sigmoid(alpha=cfg.alpha)
         sign = code.sign
@@ -253,3 +264,45 @@ def fit_all(out_dir: Path | str | None = None, Ts: Sequence[int] = (2, 3, 4, 8, 
             summary[f"T{T}_N{N}"] = stats
             summary["files"].append(str(path))
     return summary
+
+
+@functools.lru_cache(maxsize=64)
+def _refit(primitive: str, T: int, N: int, mode: str | None, offsets: bool) -> MBECode:
+    # the default FitConfig, as the shipped tables; cached per process (a refit takes seconds to a minute)
+    code, info = fit_primitive(primitive, T, N, mode=mode, offsets=offsets)
+    log.info("MBE refit T=%d N=%d %s (mode %s, offsets %s): mse %.3g", T, N, primitive, mode, offsets,
+             info["mse_fit"])
+    return code
+
+
+def check_code_variant(variant: str) -> str:
+    """``variant`` if it is one of :data:`CODE_VARIANTS`; else a ValueError naming the choices."""
+    if variant not in CODE_VARIANTS:
+        raise ValueError(f"unknown MBE code variant {variant!r}: choose one of {CODE_VARIANTS}")
+    return variant
+
+
+def variant_codes(T: int, N: int, variant: str = "fitted", table_dir: Path | str | None = None) -> dict[str, MBECode]:
+    """The codes of every primitive at ``(T, N)`` for one of :data:`CODE_VARIANTS`.
+
+    * ``fitted``: the shipped (or ``table_dir``) fits.
+    * ``truncating``: identity neurons run the plain ``T``-bit truncating binary code (halving,
+      equal bases, no offsets: the paper's neuron for ``x``); the other primitives as fitted.
+    * ``unsigned``: identity and GELU refitted with positive bases only: the identity with its
+      inputs shifted by the domain's lower end (:func:`initial_code` mode ``shift``, the way
+      ``2^x``, ``1/x``, ``1/sqrt(x)`` are coded), GELU coding ``x >= 0`` only (mode ``positive``,
+      the paper as written and the better unsigned GELU: docs/mbe.md, "Negative inputs").
+    * ``no_offsets``: every primitive refitted with its initial membrane offsets fixed at 0.
+
+    Refits use the default :class:`FitConfig` (as the shipped tables) and are cached per process.
+    """
+    check_code_variant(variant)
+    codes = dict(load_codes(T, N, table_dir))
+    if variant == "truncating":
+        codes["identity"] = initial_code("identity", T, N, offsets=False)
+    elif variant == "unsigned":
+        codes["identity"] = _refit("identity", T, N, "shift", True)
+        codes["gelu"] = _refit("gelu", T, N, "positive", True)
+    elif variant == "no_offsets":
+        codes.update({p: _refit(p, T, N, None, False) for p in codes})
+    return codes

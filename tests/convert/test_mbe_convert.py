@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from csdlab.convert.mbe import GROUPS, MBEConverter, calibrate_ranges, convert_vit_mbe, identity_sites
-from csdlab.convert.mbe_vit import MBESpikingModel, mbe_sites
+from csdlab.convert.mbe_vit import EXACT_GROUPS, IDENTITY_ROLES, MBESpikingModel, mbe_sites
 from csdlab.eval.api import Converter, SpikingModel
 from csdlab.eval.counters import SimulationCounters
 from csdlab.snn.mbe import MBENeuron
+from csdlab.snn import mbe_fit
+from csdlab.snn.mbe_fit import FitConfig, fit_primitive, initial_code, variant_codes
 from csdlab.snn.mbe_ops import MBELayerNorm, MBELinear, MBEProduct, MBESoftmax
 
 
@@ -198,3 +200,143 @@ def test_spike_driven_check_fails_exact_neurons():
     assert len(report.violations) == len(report.layers) - 2  # every non-exempt site
     assert all(s.failures == ["output is not the readout of its spike trains"] for s in report.sources)
     assert report.summary().startswith("FAIL")
+
+
+# -- ablation options (docs/mbe.md: per-group error table, beyond the paper) ------------------------
+
+# which sites each exact group must reach, by the site names (an oracle independent of the factory)
+_GROUP_SITES = {
+    "gelu": ("mlp.fc2.encoder",),
+    "exp2": ("attn.softmax.exp2",),
+    "recip": ("attn.softmax.recip",),
+    "rsqrt": ("norm1.rsqrt", "norm2.rsqrt", "norm.rsqrt"),
+    "centred": ("norm1.centred", "norm2.centred", "norm.centred"),
+    "products": ("attn.qk.enc_a", "attn.qk.enc_b", "attn.av.enc_a", "attn.av.enc_b"),
+    "linear_inputs": ("attn.qkv.encoder", "attn.proj.encoder", "mlp.fc1.encoder"),
+}
+
+
+def _in_group(name: str, group: str) -> bool:
+    return any(name == s or name.endswith("." + s) for s in _GROUP_SITES[group])
+
+
+def test_exact_groups_cover_every_site_once():
+    sites = mbe_sites(convert_vit_mbe(small_vit(), 8, 8, 4))
+    for name in sites:
+        assert sum(_in_group(name, g) for g in EXACT_GROUPS) == 1, name
+
+
+@pytest.mark.parametrize("group", EXACT_GROUPS)
+def test_exact_group_changes_exactly_its_sites(group):
+    model = small_vit()
+    x = torch.randn(3, 1, 16, 16)
+    ranges = calibrate_ranges(model, [x], lambda t: t, T=8)
+    snn = convert_vit_mbe(model, 8, 8, 4, ranges, exact_groups=[group])
+    sites = mbe_sites(snn)
+    exact = {n for n, m in sites.items() if m.exact}
+    assert exact == {n for n in sites if _in_group(n, group)} and exact
+    # the exact sites compute their primitive exactly; the others are the fitted neuron on the same input
+    seen: dict[str, tuple] = {}
+
+    def keep(name: str):
+        def hook(module, inputs, output) -> None:  # returns None: the output stays as computed
+            seen.setdefault(name, (inputs[0], output))
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in sites.items()]
+    with torch.no_grad():
+        snn(x)
+    for h in hooks:
+        h.remove()
+    spiking = {n: MBENeuron(m.code, float(m.in_scale), float(m.out_scale)) for n, m in sites.items()}
+    for n, (inp, out) in seen.items():
+        if n in exact:
+            prim = sites[n].code.primitive
+            want = {"gelu": torch.nn.functional.gelu, "exp2": torch.exp2, "recip": torch.reciprocal,
+                    "rsqrt": torch.rsqrt, "identity": lambda v: v}[prim](inp)
+            torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(out, spiking[n](inp)), n
+
+
+def test_identity_group_is_the_three_roles():
+    model = small_vit()
+    one = {n for n, m in mbe_sites(convert_vit_mbe(model, 8, 8, 4, exact_groups=["identity"])).items() if m.exact}
+    three = convert_vit_mbe(model, 8, 8, 4, exact_groups=list(IDENTITY_ROLES))
+    assert one == {n for n, m in mbe_sites(three).items() if m.exact}
+    with pytest.raises(ValueError, match="unknown MBE exact group"):
+        convert_vit_mbe(model, 8, 8, 4, exact_groups=["softmax"])
+    with pytest.raises(ValueError, match="unknown MBE exact group"):
+        MBEConverter(Ts=[8], exact=["gleu"])
+
+
+def test_ablation_variants_and_global_range():
+    model = small_vit()
+    x = torch.randn(4, 1, 16, 16)
+    conv = MBEConverter(Ts=[8], ablation=True, global_range=True)
+    info = conv.calibrate(model, [x], lambda t: t)
+    per_site = calibrate_ranges(model, [x], lambda t: t, T=8)
+    assert set(info["identity_ranges"].values()) == {max(per_site.values())}
+    assert info["global_range"] is True and len(set(per_site.values())) > 1
+    variants = conv.convert(model)
+    assert list(variants) == ["T8"] + [f"T8_exact_{g}" for g in EXACT_GROUPS]
+    for g in EXACT_GROUPS:
+        sites = variants[f"T8_exact_{g}"].sites()
+        assert {n for n, m in sites.items() if m.exact} == {n for n in sites if _in_group(n, g)}
+    assert not any(m.exact for m in variants["T8"].sites().values())
+
+
+def test_code_variants_take_back_one_departure_each(monkeypatch):
+    fitted = variant_codes(2, 4)
+    trunc = variant_codes(2, 4, "truncating")
+    ident = trunc["identity"]
+    assert torch.equal(ident.delta, torch.zeros(4)) and len(set(ident.start.tolist())) == 1
+    assert all(trunc[p].to_dict() == fitted[p].to_dict() for p in fitted if p != "identity")
+    # the plain code truncates: 0 <= z - f(z) < one last step on [0, 1]
+    z = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    err = z - ident(z, exact_table=False)[0]
+    last = float(ident.start[0]) * 2.0 ** -(ident.T - 1)
+    assert float(err.min()) >= -1e-12 and float(err.max()) < last
+    # the refitting variants ask for the refits they name, nothing else (the fits: test_mbe_fit.py)
+    asked: list[tuple] = []
+
+    def refit(primitive, T, N, mode, offsets):
+        asked.append((primitive, mode, offsets))
+        return initial_code(primitive, T, N, mode, offsets)
+
+    monkeypatch.setattr(mbe_fit, "_refit", refit)
+    unsigned = variant_codes(2, 4, "unsigned")
+    assert sorted(asked) == [("gelu", "positive", True), ("identity", "shift", True)]
+    for p in ("identity", "gelu"):
+        assert bool((unsigned[p].sign == 1).all())
+    assert unsigned["identity"].x0 == -1.0
+    assert all(unsigned[p].to_dict() == fitted[p].to_dict() for p in ("exp2", "recip", "rsqrt"))
+    asked.clear()
+    plain = variant_codes(2, 4, "no_offsets")
+    assert sorted(asked) == sorted((p, None, False) for p in fitted)
+    assert all(bool((c.delta == 0).all()) for c in plain.values())
+    assert any(bool((fitted[p].delta != 0).any()) for p in fitted)
+    with pytest.raises(ValueError, match="unknown MBE code variant"):
+        variant_codes(2, 4, "paper")
+    with pytest.raises(ValueError, match="unknown MBE code variant"):
+        MBEConverter(Ts=[2], codes="paper")
+
+
+def test_fit_without_offsets_keeps_them_zero():
+    # inside inference mode too: a converter refits its codes within Lightning's test loop
+    with torch.inference_mode():
+        code, info = fit_primitive("exp2", 2, 4, FitConfig(points=500, steps=25), offsets=False)
+    assert bool((code.delta == 0).all()) and info["mse_fit"] < info["mse_init"]
+    code, _ = fit_primitive("identity", 2, 4, FitConfig(points=500, steps=25), offsets=False)
+    assert bool((code.delta == 0).all())
+
+
+def test_fit_domain_is_where_the_points_are():
+    # GELU fitted on (-6, 6) only: better there than the paper-domain fit of the same budget
+    cfg = FitConfig(points=2000, steps=25)
+    narrow, _ = fit_primitive("gelu", 4, 4, cfg, domain=(-6.0, 6.0))
+    wide, _ = fit_primitive("gelu", 4, 4, cfg)
+    x = torch.linspace(-6, 6, 2001, dtype=torch.float64)
+    err = {k: float(((c(x - c.x0)[0] - torch.nn.functional.gelu(x)) ** 2).mean()) for k, c in
+           (("narrow", narrow), ("wide", wide))}
+    assert err["narrow"] < err["wide"]
