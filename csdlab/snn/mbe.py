@@ -46,7 +46,7 @@ import json
 import math
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from spikingjelly.activation_based import base
 from torch import Tensor
 from torch.nn import functional as F
 
+from csdlab.compiling import CompiledKernel
 from csdlab.snn.counting import counting_active
 
 __all__ = ["MBECode", "MBETable", "MBENeuron", "PRIMITIVES", "Primitive", "run_steps", "decay", "load_codes",
@@ -194,6 +195,13 @@ class MBETable:
     # ``packed`` [K + 1] int64 packs (biased[j] as float32, spikes[j] as int32)
     grid: Tensor | None = None
     packed: Tensor | None = None
+    # float32 on the CPU, the whole response in one compiled pass (:meth:`respond`): ``cells``
+    # [4 (G + 1)] int32 holds one 16-byte record per cell of a grid of G cells (a cell of at most one
+    # bound): (the bound's float32 bits or NaN, biased value below it, biased value at or above it,
+    # spikes below | spikes above << 16), or meta -1 for a cell of more bounds; record G is the NaN
+    # sentinel (flagged). ``geom`` [3] float32: (origin, inv_width, G - 1) of :func:`_cell_of`
+    cells: Tensor | None = None
+    geom: Tensor | None = None
 
     def index(self, z: Tensor) -> Tensor:
         """Interval index of every ``z`` (``torch.bucketize(z, bounds, right=True)``)."""
@@ -234,6 +242,57 @@ class MBETable:
             j = self.index(flat)
         out = _take(self.packed, j).view(torch.int32).view(-1, 2)
         return out[:, 0].view(torch.float32).view(z.shape), out[:, 1].view(z.shape)
+
+
+    def respond(self, x: Tensor, in_scale: Tensor, x0: float, out_scale: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(lookup(x / in_scale - x0)[0] * out_scale, spikes, total spikes)`` in one compiled pass
+        over ``x`` (bit-identical to normalising, :meth:`lookup` and scaling one after the other);
+        ``None`` where that pass does not apply (no cell records, not a float32 CPU tensor, no
+        compiler), and the caller takes those three steps.
+
+        Elements in a cell of more than one bound (and NaN) come back flagged (spikes -1, counted
+        by the same pass) and get :meth:`lookup` (a NaN raises there, as it always has).
+        """
+        if self.cells is None or x.dtype != torch.float32 or x.device.type != "cpu" or not _RESPOND.usable:
+            return None
+        flat = x.reshape(-1)
+        scales = torch.stack([in_scale.to(x.dtype), torch.tensor(x0, dtype=x.dtype), out_scale.to(x.dtype)])
+        y, spikes, total, flagged = _RESPOND(flat, scales, self.geom, self.cells)
+        if int(flagged):  # on the CPU: a read of a finished 0-d tensor, no synchronisation
+            idx = (spikes < 0).nonzero().squeeze(1)
+            z = flat[idx] / scales[0] - scales[1]  # the kernel's z: the same IEEE operations
+            value, spk = self.lookup(z)
+            y[idx] = value * scales[2]
+            spikes[idx] = spk
+            total = total + spk.sum(dtype=torch.int64)
+        return y.view(x.shape), spikes.view(x.shape), total
+
+
+def _cell_of(z: Tensor, geom: Tensor) -> Tensor:
+    """Cell ``clamp(trunc((z - origin) * inv_width), 0, G - 1)`` of every ``z`` (``geom`` = (origin,
+    inv_width, G - 1), float32 like ``z``), monotone in ``z``; NaN goes to the sentinel cell ``G``.
+    The records are built and read through this one expression (IEEE subtraction and product,
+    no contraction: eager and compiled give the same cells)."""
+    c = torch.minimum(((z - geom[0]) * geom[1]).clamp(min=0.0), geom[2])
+    return torch.where(z == z, c, geom[2] + 1).long()
+
+
+def _respond(x: Tensor, scales: Tensor, geom: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass of :meth:`MBETable.respond` over flat ``x``: ``z = x / in_scale - x0`` (as
+    :meth:`MBENeuron.normalise`; subtracting 0 leaves every float as it is), one 16-byte record per
+    element, one comparison. ``(y, spikes, total spikes, flagged elements)``, flagged spikes -1."""
+    z = x / scales[0] - scales[1]
+    at = _cell_of(z, geom) * 4
+    up = z >= cells[at].view(torch.float32)  # z >= NaN (no bound in the cell) is false
+    value = torch.where(up, cells[at + 2], cells[at + 1]).view(torch.float32)
+    meta = cells[at + 3]
+    flagged = meta < 0
+    spikes = torch.where(flagged, -1, torch.where(up, meta >> 16, meta & 0xFFFF))
+    total = torch.where(flagged, 0, spikes).sum(dtype=torch.int64)
+    return value * scales[2], spikes, total, flagged.sum(dtype=torch.int64)
+
+
+_RESPOND = CompiledKernel(_respond)
 
 
 def _take(table: Tensor, j: Tensor) -> Tensor:
@@ -277,6 +336,42 @@ def _with_grid(tab: MBETable, max_cells: int = 1 << 20) -> MBETable:
         packed = torch.stack([tab.biased.view(torch.int32), tab.spikes], 1).view(torch.int64).reshape(-1)
     return MBETable(tab.bounds, tab.values, tab.spikes, tab.biased, lo, inv_width, start, padded, probes, steps, grid,
                     packed)
+
+
+#: largest cell-record table (cells of 16 bytes): 16 MiB
+MAX_RECORD_CELLS = 1 << 20
+
+
+def _with_cells(tab: MBETable, max_cells: int = MAX_RECORD_CELLS) -> MBETable:
+    """Add the cell records of :meth:`MBETable.respond` to a float32 table: the fewest cells (a
+    grid of G cells centred on the bounds' span, G from K up) that leave no cell more than one
+    bound, else ``max_cells`` (the elements of denser cells take :meth:`MBETable.lookup`)."""
+    k = len(tab.bounds)
+    if tab.bounds.dtype != torch.float32 or k < 2 or int(tab.spikes.max()) > 0x7FFF:
+        return tab
+    lo, hi = float(tab.bounds[0]), float(tab.bounds[-1])
+    best = None
+    for factor in (1.0, 1.0625, 1.125, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0):
+        cells = min(max_cells, math.ceil(k * factor) + 1)
+        width = (hi - lo) / (cells - 1)  # the first and last bound mid-cell
+        geom = torch.tensor([lo - width / 2, 1.0 / width, cells - 1], dtype=torch.float32)
+        if not bool(torch.isfinite(geom).all()):
+            return tab
+        per_cell = torch.bincount(_cell_of(tab.bounds, geom), minlength=cells + 1)
+        best = (cells, geom, per_cell)
+        if int(per_cell.max()) <= 1 or cells == max_cells:
+            break
+    cells, geom, per_cell = best
+    start = (torch.cumsum(per_cell, 0) - per_cell)[:cells]  # interval at each cell's left end
+    per_cell = per_cell[:cells]
+    nxt = (start + 1).clamp(max=k)
+    padded = torch.cat([tab.bounds, tab.bounds.new_full((1,), math.nan)])
+    bound = torch.where(per_cell > 0, padded[start.clamp(max=k)], math.nan)
+    meta = torch.where(per_cell > 1, -1, tab.spikes[start] | (tab.spikes[nxt] << 16)).int()
+    rec = torch.stack([bound.view(torch.int32), tab.biased[start].view(torch.int32),
+                       tab.biased[nxt].view(torch.int32), meta], 1)
+    sentinel = torch.tensor([[0x7FC00000, 0x7FC00000, 0x7FC00000, -1]], dtype=torch.int32)  # NaN: flagged
+    return replace(tab, cells=torch.cat([rec, sentinel]).reshape(-1).contiguous(), geom=geom)
 
 
 def _basis_intervals(theta: Tensor, reset: Tensor, intensity: Tensor, delta: Tensor) -> tuple[Tensor, ...]:
@@ -435,7 +530,7 @@ class MBECode:
                 if acc is not None:
                     groups.append(acc)
             values = groups[0] if len(groups) == 1 else groups[0] + groups[1]
-            tab = _with_grid(MBETable(bounds.contiguous(), values, spikes, values + bias))
+            tab = _with_cells(_with_grid(MBETable(bounds.contiguous(), values, spikes, values + bias)))
             self._tables[key] = MBETable(**{f.name: _to(getattr(tab, f.name), device) for f in fields(tab)})
         return self._tables[key]
 
@@ -523,7 +618,8 @@ class MBENeuron(base.MemoryModule):
         self.register_buffer("out_scale", torch.tensor(float(out_scale), dtype=torch.float64))
         self.register_memory("v", None)
         self.step_mode = "s"
-        self._record: tuple[weakref.ref, Tensor] | None = None  # (input, its spike counts)
+        # (input, its spike counts, their sum or None)
+        self._record: tuple[weakref.ref, Tensor, Tensor | None] | None = None
 
     def supported_step_mode(self) -> tuple[str, ...]:
         return ("s",)
@@ -545,7 +641,7 @@ class MBENeuron(base.MemoryModule):
         state["_record"] = None  # a weak reference does not pickle, and the record is not state
         return state
 
-    def _remember(self, x: Tensor, counts: Tensor) -> None:
+    def _remember(self, x: Tensor, counts: Tensor, total: Tensor | None) -> None:
         me = weakref.ref(self)
 
         def drop(ref: weakref.ref) -> None:  # the input is gone: free its counts
@@ -553,7 +649,7 @@ class MBENeuron(base.MemoryModule):
             if n is not None and n._record is not None and n._record[0] is ref:
                 n._record = None
 
-        self._record = (weakref.ref(x, drop), counts)
+        self._record = (weakref.ref(x, drop), counts, total)
 
     def normalise(self, x: Tensor) -> Tensor:
         """``z = x / in_scale - x0``."""
@@ -566,17 +662,20 @@ class MBENeuron(base.MemoryModule):
         if self.exact:
             prim = PRIMITIVES[self.code.primitive]
             return (prim.fn(x / self.in_scale.to(x.dtype)) * self.out_scale.to(x.dtype),), (None,)
-        z = self.normalise(x)
         if self.fast:
-            value, counts = self.code(z)
-            v = None
+            out = self.code.table(x.dtype, x.device).respond(x, self.in_scale, self.code.x0, self.out_scale)
+            if out is None:
+                value, counts = self.code(self.normalise(x))
+                y, total = value * self.out_scale.to(x.dtype), None
+            else:
+                y, counts, total = out
             if counting_active():  # the evaluation's counters will ask for these counts
-                self._remember(x, counts)
-        else:
-            theta, reset, intensity, weight, delta, sign, bias = self.code.constants(z.dtype, z.device)
-            value, _ = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)
-            v = self.membranes(x)
-        return (value * self.out_scale.to(x.dtype),), (v,)
+                self._remember(x, counts, total)
+            return (y,), (None,)
+        z = self.normalise(x)
+        theta, reset, intensity, weight, delta, sign, bias = self.code.constants(z.dtype, z.device)
+        value, _ = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)
+        return (value * self.out_scale.to(x.dtype),), (self.membranes(x),)
 
     def membranes(self, x: Tensor) -> Tensor:
         """Membranes ``u_n(T)`` ``[N, *x.shape]`` after presenting ``x`` (step-by-step)."""
@@ -615,15 +714,23 @@ class MBENeuron(base.MemoryModule):
             return record[1]
         return self.code(self.normalise(x), exact_table=self.fast)[1]
 
+    def spike_total(self, x: Tensor) -> Tensor:
+        """All spikes for input ``x`` (bases, steps, elements): a 0-d float64 tensor on its device,
+        from the sum the forward's pass made when it kept the counts."""
+        record = self._record
+        if record is not None and record[2] is not None and record[0]() is x:
+            return record[2].to(torch.float64)
+        return self.spike_counts(x).sum(dtype=torch.float64)  # small integers: exact in float64
+
     def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, float]:
         """``(spikes summed over bases and steps, elements x N x T)`` of the call just made (the
         spikes a 0-d tensor on the input's device: no host synchronisation)."""
         x = inputs[0]
-        return self.spike_counts(x).sum(), float(x.numel() * self.code.N * self.code.T)
+        return self.spike_total(x), float(x.numel() * self.code.N * self.code.T)
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """A stand-alone neuron costs one AC per spike (docs/methods.md §4.4: ``T N eta E_AC``)."""
-        return 0.0, self.spike_counts(inputs[0]).sum()
+        return 0.0, self.spike_total(inputs[0])
 
     def extra_repr(self) -> str:
         mode = "exact" if self.exact else ("table" if self.fast else "steps")
