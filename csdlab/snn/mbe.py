@@ -202,6 +202,7 @@ class MBETable:
     # sentinel (flagged). ``geom`` [3] float32: (origin, inv_width, G - 1) of :func:`_cell_of`
     cells: Tensor | None = None
     geom: Tensor | None = None
+    sub_grids: bool = False
 
     def index(self, z: Tensor) -> Tensor:
         """Interval index of every ``z`` (``torch.bucketize(z, bounds, right=True)``)."""
@@ -253,11 +254,12 @@ class MBETable:
         Elements in a cell of more than one bound (and NaN) come back flagged (spikes -1, counted
         by the same pass) and get :meth:`lookup` (a NaN raises there, as it always has).
         """
-        if self.cells is None or x.dtype != torch.float32 or x.device.type != "cpu" or not _RESPOND.usable:
+        kernel = _RESPOND_SUB if self.sub_grids else _RESPOND
+        if self.cells is None or x.dtype != torch.float32 or x.device.type != "cpu" or not kernel.usable:
             return None
         flat = x.reshape(-1)
         scales = torch.stack([in_scale.to(x.dtype), torch.tensor(x0, dtype=x.dtype), out_scale.to(x.dtype)])
-        y, spikes, total, flagged = _RESPOND(flat, scales, self.geom, self.cells)
+        y, spikes, total, flagged = kernel(flat, scales, self.geom, self.cells.view(torch.int64))
         if int(flagged):  # on the CPU: a read of a finished 0-d tensor, no synchronisation
             idx = (spikes < 0).nonzero().squeeze(1)
             z = flat[idx] / scales[0] - scales[1]  # the kernel's z: the same IEEE operations
@@ -268,31 +270,63 @@ class MBETable:
         return y.view(x.shape), spikes.view(x.shape), total
 
 
-def _cell_of(z: Tensor, geom: Tensor) -> Tensor:
-    """Cell ``clamp(trunc((z - origin) * inv_width), 0, G - 1)`` of every ``z`` (``geom`` = (origin,
-    inv_width, G - 1), float32 like ``z``), monotone in ``z``; NaN goes to the sentinel cell ``G``.
-    The records are built and read through this one expression (IEEE subtraction and product,
-    no contraction: eager and compiled give the same cells)."""
-    c = torch.minimum(((z - geom[0]) * geom[1]).clamp(min=0.0), geom[2])
-    return torch.where(z == z, c, geom[2] + 1).long()
+def _cell_of(z: Tensor, origin: Tensor, inv_width: Tensor, last: Tensor) -> Tensor:
+    """Cell ``min(trunc(max((z - origin) * inv_width, 0)), last)`` of every ``z`` (float32 like
+    ``z``; per grid or per element), monotone in ``z``; NaN (``z`` or the grid) goes to cell
+    ``last + 1``. The records are built and read through this one expression (IEEE subtraction
+    and product, no contraction: eager and compiled give the same cells)."""
+    c = torch.minimum(((z - origin) * inv_width).clamp(min=0.0), last)
+    return torch.where(c == c, c, last + 1).long()
 
 
-def _respond(x: Tensor, scales: Tensor, geom: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One pass of :meth:`MBETable.respond` over flat ``x``: ``z = x / in_scale - x0`` (as
-    :meth:`MBENeuron.normalise`; subtracting 0 leaves every float as it is), one 16-byte record per
-    element, one comparison. ``(y, spikes, total spikes, flagged elements)``, flagged spikes -1."""
-    z = x / scales[0] - scales[1]
-    at = _cell_of(z, geom) * 4
-    up = z >= cells[at].view(torch.float32)  # z >= NaN (no bound in the cell) is false
-    value = torch.where(up, cells[at + 2], cells[at + 1]).view(torch.float32)
-    meta = cells[at + 3]
+def _low(r: Tensor) -> Tensor:
+    return (r & 0xFFFFFFFF).to(torch.int32)  # the record's first int32 word (little-endian)
+
+
+def _high(r: Tensor) -> Tensor:
+    return (r >> 32).to(torch.int32)
+
+
+def _respond_in(z: Tensor, scales: Tensor, cells: Tensor, at: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # the record (bound, below, at or above, meta) at int64 position ``at`` of ``cells``, one comparison
+    r0, r1 = cells[at], cells[at + 1]
+    up = z >= _low(r0).view(torch.float32)  # z >= NaN (no bound in the cell) is false
+    value = torch.where(up, _low(r1), _high(r0)).view(torch.float32)
+    meta = _high(r1)
     flagged = meta < 0
     spikes = torch.where(flagged, -1, torch.where(up, meta >> 16, meta & 0xFFFF))
     total = torch.where(flagged, 0, spikes).sum(dtype=torch.int64)
     return value * scales[2], spikes, total, flagged.sum(dtype=torch.int64)
 
 
-_RESPOND = CompiledKernel(_respond)
+def _respond(x: Tensor, scales: Tensor, geom: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass of :meth:`MBETable.respond` over flat ``x`` (``cells``: the records as int64 pairs):
+    ``z = x / in_scale - x0`` (as :meth:`MBENeuron.normalise`; subtracting 0 leaves every float as
+    it is), its cell's 16-byte record, one comparison. ``(y, spikes, total spikes, flagged
+    elements)``, flagged spikes -1."""
+    z = x / scales[0] - scales[1]
+    return _respond_in(z, scales, cells, _cell_of(z, geom[0], geom[1], geom[2]) * 2)
+
+
+def _respond_sub(x: Tensor, scales: Tensor, geom: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_respond` for records with sub-grids: a cell of more bounds holds (sub-grid origin,
+    inv_width, first record, -2 - last sub-cell), and the element takes that sub-grid cell's
+    record; elsewhere the same record again (in the cache: the second gather is dependent only
+    for elements of such cells)."""
+    z = x / scales[0] - scales[1]
+    cell = _cell_of(z, geom[0], geom[1], geom[2])
+    r0, r1 = cells[cell * 2], cells[cell * 2 + 1]
+    meta = _high(r1)
+    sub = meta < -1
+    sub_cell = _cell_of(z, _low(r0).view(torch.float32), _high(r0).view(torch.float32), (-2 - meta).to(torch.float32))
+    return _respond_in(z, scales, cells, torch.where(sub, _low(r1) + sub_cell, cell) * 2)
+
+
+# every index is in range by construction (cells clamped to the grid, NaN to the sentinel record,
+# sub-cells clamped to their sub-grid), so inductor's per-gather bounds checks (a third of the
+# pass) are left out
+_RESPOND = CompiledKernel(_respond, {"assert_indirect_indexing": False})
+_RESPOND_SUB = CompiledKernel(_respond_sub, {"assert_indirect_indexing": False})
 
 
 def _take(table: Tensor, j: Tensor) -> Tensor:
@@ -338,40 +372,119 @@ def _with_grid(tab: MBETable, max_cells: int = 1 << 20) -> MBETable:
                     packed)
 
 
-#: largest cell-record table (cells of 16 bytes): 16 MiB
+#: cells of the first grid of the cell records (16 bytes each: 16 MiB)
 MAX_RECORD_CELLS = 1 << 20
+#: a sub-grid has at most this many cells per bound of its cell
+SUB_CELLS_PER_BOUND = 64
+_GRID_FACTORS = (1.0, 1.0625, 1.125, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+
+
+def _grid_of(bounds: Tensor, cells: int) -> tuple[Tensor, Tensor] | None:
+    """``cells`` cells of equal width, the first and last bound mid-cell: ``(geom = (origin,
+    inv_width, G - 1) float32, bounds per cell [G + 1])``; ``None`` if the width is no finite float32."""
+    lo, hi = float(bounds[0]), float(bounds[-1])
+    width = (hi - lo) / (cells - 1)
+    geom = torch.tensor([lo - width / 2, 1.0 / width, cells - 1], dtype=torch.float32)
+    if not bool(torch.isfinite(geom).all()) or not float(geom[1]) > 0:
+        return None
+    return geom, torch.bincount(_cell_of(bounds, *geom), minlength=cells + 1)
+
+
+def _grid(bounds: Tensor, max_cells: int, max_dense: float) -> tuple[Tensor, Tensor] | None:
+    """The grid of the cell records (:func:`_grid_of`), G from len(bounds) up to ``max_cells``: the
+    first that leaves no cell more than one bound, up to twice the bounds; else the first that
+    leaves at most a ``max_dense`` share of the bounds in denser cells (0: none)."""
+    k = len(bounds)
+    sizes = [(f, min(max_cells, math.ceil(k * f) + 1)) for f in _GRID_FACTORS]
+    for share, top in ((0.0, 2.0), (max_dense, math.inf)):
+        for factor, cells in sizes:
+            if factor > top:
+                break
+            found = _grid_of(bounds, cells)
+            if found is None:
+                return None
+            per_cell = found[1]
+            if float(per_cell[per_cell > 1].sum()) <= share * k:
+                return found
+            if cells == max_cells:
+                break
+    return found
+
+
+def _records(tab: MBETable, start: Tensor, per_cell: Tensor) -> Tensor:
+    """``[G, 4]`` int32 records of grid cells holding ``per_cell`` bounds from ``bounds[start]`` on
+    (``start``: the interval at each cell's left end): (first bound or NaN, biased value below it,
+    at or above it, spikes below | above << 16), meta -1 where a cell holds more than one bound."""
+    k = len(tab.bounds)
+    nxt = (start + 1).clamp(max=k)
+    bound = torch.where(per_cell > 0, tab.bounds[start.clamp(max=k - 1)], math.nan)
+    meta = torch.where(per_cell > 1, -1, tab.spikes[start] | (tab.spikes[nxt] << 16)).int()
+    return torch.stack([bound.view(torch.int32), tab.biased[start].view(torch.int32),
+                        tab.biased[nxt].view(torch.int32), meta], 1)
+
+
+def _sub_grids(bounds: Tensor, first: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A grid for each run ``bounds[first_i : first_i + n_i]`` (the bounds of one dense cell), the
+    fewest cells (``n_i`` times a factor, up to :data:`SUB_CELLS_PER_BOUND`) that leave no cell
+    more than one bound: ``(geoms [D, 3] float32, sub-cell of each run's bounds, runs' owners)``."""
+    d = len(first)
+    owner = torch.repeat_interleave(torch.arange(d), n)  # [bounds of the runs]
+    idx = first[owner] + torch.arange(len(owner)) - (torch.cumsum(n, 0) - n)[owner]
+    b = bounds[idx]
+    lo, hi = bounds[first].double(), bounds[first + n - 1].double()
+    geoms = torch.zeros(d, 3, dtype=torch.float32)
+    pending = torch.ones(d, dtype=torch.bool)
+    for factor in _GRID_FACTORS:
+        last = min(factor, SUB_CELLS_PER_BOUND) * n
+        cells = torch.ceil(last.double()) + 1
+        width = (hi - lo) / (cells - 1)
+        g = torch.stack([lo - width / 2, 1.0 / width, cells - 1], 1).float()
+        geoms = torch.where(pending[:, None], g, geoms)
+        sc = _cell_of(b, geoms[owner, 0], geoms[owner, 1], geoms[owner, 2])
+        # sorted bounds: a cell holds two iff two neighbours of one run share it
+        clash = (sc[1:] == sc[:-1]) & (owner[1:] == owner[:-1])
+        bad = torch.zeros(d, dtype=torch.bool)
+        bad[owner[1:][clash]] = True
+        pending &= bad
+        if not bool(pending.any()) or factor >= SUB_CELLS_PER_BOUND:
+            break
+    return geoms, sc, owner
 
 
 def _with_cells(tab: MBETable, max_cells: int = MAX_RECORD_CELLS) -> MBETable:
-    """Add the cell records of :meth:`MBETable.respond` to a float32 table: the fewest cells (a
-    grid of G cells centred on the bounds' span, G from K up) that leave no cell more than one
-    bound, else ``max_cells`` (the elements of denser cells take :meth:`MBETable.lookup`)."""
+    """Add the cell records of :meth:`MBETable.respond` to a float32 table: a grid over the bounds
+    with at most one bound in most cells (:func:`_grid`), each denser cell pointing to a grid of
+    its own bounds (its record: the sub-grid's origin, inv_width, first record, -2 - last cell).
+    Elements whose sub-grid cell still holds more than one bound (bounds closer than the
+    sub-grid resolves) and NaN are flagged and take :meth:`MBETable.lookup`."""
     k = len(tab.bounds)
     if tab.bounds.dtype != torch.float32 or k < 2 or int(tab.spikes.max()) > 0x7FFF:
         return tab
-    lo, hi = float(tab.bounds[0]), float(tab.bounds[-1])
-    best = None
-    for factor in (1.0, 1.0625, 1.125, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0):
-        cells = min(max_cells, math.ceil(k * factor) + 1)
-        width = (hi - lo) / (cells - 1)  # the first and last bound mid-cell
-        geom = torch.tensor([lo - width / 2, 1.0 / width, cells - 1], dtype=torch.float32)
-        if not bool(torch.isfinite(geom).all()):
-            return tab
-        per_cell = torch.bincount(_cell_of(tab.bounds, geom), minlength=cells + 1)
-        best = (cells, geom, per_cell)
-        if int(per_cell.max()) <= 1 or cells == max_cells:
-            break
-    cells, geom, per_cell = best
-    start = (torch.cumsum(per_cell, 0) - per_cell)[:cells]  # interval at each cell's left end
+    found = _grid(tab.bounds, max_cells, max_dense=0.05)
+    if found is None:
+        return tab
+    geom, per_cell = found
+    cells = int(geom[2]) + 1
     per_cell = per_cell[:cells]
-    nxt = (start + 1).clamp(max=k)
-    padded = torch.cat([tab.bounds, tab.bounds.new_full((1,), math.nan)])
-    bound = torch.where(per_cell > 0, padded[start.clamp(max=k)], math.nan)
-    meta = torch.where(per_cell > 1, -1, tab.spikes[start] | (tab.spikes[nxt] << 16)).int()
-    rec = torch.stack([bound.view(torch.int32), tab.biased[start].view(torch.int32),
-                       tab.biased[nxt].view(torch.int32), meta], 1)
-    sentinel = torch.tensor([[0x7FC00000, 0x7FC00000, 0x7FC00000, -1]], dtype=torch.int32)  # NaN: flagged
-    return replace(tab, cells=torch.cat([rec, sentinel]).reshape(-1).contiguous(), geom=geom)
+    starts = torch.cumsum(per_cell, 0) - per_cell
+    rec = _records(tab, starts, per_cell)
+    nan = torch.tensor([[0x7FC00000, 0x7FC00000, 0x7FC00000, -1]], dtype=torch.int32)  # cell G: NaN, flagged
+    dense = (per_cell > 1).nonzero().squeeze(1)
+    if len(dense) == 0 or not bool(torch.isfinite(tab.bounds[[0, -1]]).all()):
+        return replace(tab, cells=torch.cat([rec, nan]).reshape(-1).contiguous(), geom=geom)
+    first, n = starts[dense], per_cell[dense]
+    geoms, sc, owner = _sub_grids(tab.bounds, first, n)
+    sizes = geoms[:, 2].long() + 1
+    base = cells + 1 + torch.cumsum(sizes, 0) - sizes  # each sub-grid's first record
+    sub_per = torch.bincount(base[owner] - (cells + 1) + sc, minlength=int(sizes.sum()))
+    sub_owner = torch.repeat_interleave(torch.arange(len(dense)), sizes)
+    # the interval at a sub-cell's left end: its run's first, plus the run's bounds in earlier sub-cells
+    before = torch.cumsum(sub_per, 0) - sub_per
+    sub_start = first[sub_owner] + before - before[(base - (cells + 1))[sub_owner]]
+    rec[dense] = torch.stack([geoms[:, 0].view(torch.int32), geoms[:, 1].view(torch.int32), base.int(),
+                              (-2 - geoms[:, 2].long()).int()], 1)
+    parts = [rec, nan, _records(tab, sub_start, sub_per)]
+    return replace(tab, cells=torch.cat(parts).reshape(-1).contiguous(), geom=geom, sub_grids=True)
 
 
 def _basis_intervals(theta: Tensor, reset: Tensor, intensity: Tensor, delta: Tensor) -> tuple[Tensor, ...]:
