@@ -276,7 +276,7 @@ def _cell_of(z: Tensor, origin: Tensor, inv_width: Tensor, last: Tensor) -> Tens
     ``last + 1``. The records are built and read through this one expression (IEEE subtraction
     and product, no contraction: eager and compiled give the same cells)."""
     c = torch.minimum(((z - origin) * inv_width).clamp(min=0.0), last)
-    return torch.where(c == c, c, last + 1).long()
+    return torch.where(torch.isnan(c), last + 1, c).long()
 
 
 def _low(r: Tensor) -> Tensor:
