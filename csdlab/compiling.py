@@ -63,10 +63,13 @@ class CompiledKernel:
 
     Args:
         fn: a pure tensor function (no side effects, no data-dependent Python control flow).
+        options: inductor options for this kernel (e.g. ``{"assert_indirect_indexing": False}``
+            for a gather whose indices are in range by construction).
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any] | None = None) -> None:
         self.fn = fn
+        self.options = dict(options or {})
         self._compiled: Callable[..., Any] | None = None
         self.failed: str | None = None  # why compiling failed, once it has
 
@@ -83,7 +86,8 @@ class CompiledKernel:
             try:
                 if self._compiled is None:
                     # dynamic: the callers pass flattened tensors, so one graph serves every size
-                    self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                    self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
+                                                   options=self.options or None)
                     # the first call compiles (seconds to a minute on a CPU): say so, the run is not stuck
                     log.info("compiling %s with torch.compile (first use in this process; %s=0 runs it "
                              "eagerly)", self.fn.__qualname__, COMPILE_ENV)

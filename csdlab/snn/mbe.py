@@ -46,7 +46,7 @@ import json
 import math
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from spikingjelly.activation_based import base
 from torch import Tensor
 from torch.nn import functional as F
 
+from csdlab.compiling import CompiledKernel
 from csdlab.snn.counting import counting_active
 
 __all__ = ["MBECode", "MBETable", "MBENeuron", "PRIMITIVES", "Primitive", "run_steps", "decay", "load_codes",
@@ -194,6 +195,14 @@ class MBETable:
     # ``packed`` [K + 1] int64 packs (biased[j] as float32, spikes[j] as int32)
     grid: Tensor | None = None
     packed: Tensor | None = None
+    # float32 on the CPU, the whole response in one compiled pass (:meth:`respond`): ``cells``
+    # [4 (G + 1)] int32 holds one 16-byte record per cell of a grid of G cells (a cell of at most one
+    # bound): (the bound's float32 bits or NaN, biased value below it, biased value at or above it,
+    # spikes below | spikes above << 16), or meta -1 for a cell of more bounds; record G is the NaN
+    # sentinel (flagged). ``geom`` [3] float32: (origin, inv_width, G - 1) of :func:`_cell_of`
+    cells: Tensor | None = None
+    geom: Tensor | None = None
+    sub_grids: bool = False
 
     def index(self, z: Tensor) -> Tensor:
         """Interval index of every ``z`` (``torch.bucketize(z, bounds, right=True)``)."""
@@ -234,6 +243,90 @@ class MBETable:
             j = self.index(flat)
         out = _take(self.packed, j).view(torch.int32).view(-1, 2)
         return out[:, 0].view(torch.float32).view(z.shape), out[:, 1].view(z.shape)
+
+
+    def respond(self, x: Tensor, in_scale: Tensor, x0: float, out_scale: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(lookup(x / in_scale - x0)[0] * out_scale, spikes, total spikes)`` in one compiled pass
+        over ``x`` (bit-identical to normalising, :meth:`lookup` and scaling one after the other);
+        ``None`` where that pass does not apply (no cell records, not a float32 CPU tensor, no
+        compiler), and the caller takes those three steps.
+
+        Elements in a cell of more than one bound (and NaN) come back flagged (spikes -1, counted
+        by the same pass) and get :meth:`lookup` (a NaN raises there, as it always has).
+        """
+        kernel = _RESPOND_SUB if self.sub_grids else _RESPOND
+        if self.cells is None or x.dtype != torch.float32 or x.device.type != "cpu" or not kernel.usable:
+            return None
+        flat = x.reshape(-1)
+        scales = torch.stack([in_scale.to(x.dtype), torch.tensor(x0, dtype=x.dtype), out_scale.to(x.dtype)])
+        y, spikes, total, flagged = kernel(flat, scales, self.geom, self.cells.view(torch.int64))
+        if int(flagged):  # on the CPU: a read of a finished 0-d tensor, no synchronisation
+            idx = (spikes < 0).nonzero().squeeze(1)
+            z = flat[idx] / scales[0] - scales[1]  # the kernel's z: the same IEEE operations
+            value, spk = self.lookup(z)
+            y[idx] = value * scales[2]
+            spikes[idx] = spk
+            total = total + spk.sum(dtype=torch.int64)
+        return y.view(x.shape), spikes.view(x.shape), total
+
+
+def _cell_of(z: Tensor, origin: Tensor, inv_width: Tensor, last: Tensor) -> Tensor:
+    """Cell ``min(trunc(max((z - origin) * inv_width, 0)), last)`` of every ``z`` (float32 like
+    ``z``; per grid or per element), monotone in ``z``; NaN (``z`` or the grid) goes to cell
+    ``last + 1``. The records are built and read through this one expression (IEEE subtraction
+    and product, no contraction: eager and compiled give the same cells)."""
+    c = torch.minimum(((z - origin) * inv_width).clamp(min=0.0), last)
+    return torch.where(torch.isnan(c), last + 1, c).long()
+
+
+def _low(r: Tensor) -> Tensor:
+    return (r & 0xFFFFFFFF).to(torch.int32)  # the record's first int32 word (little-endian)
+
+
+def _high(r: Tensor) -> Tensor:
+    return (r >> 32).to(torch.int32)
+
+
+def _respond_in(z: Tensor, scales: Tensor, cells: Tensor, at: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # the record (bound, below, at or above, meta) at int64 position ``at`` of ``cells``, one comparison
+    r0, r1 = cells[at], cells[at + 1]
+    up = z >= _low(r0).view(torch.float32)  # z >= NaN (no bound in the cell) is false
+    value = torch.where(up, _low(r1), _high(r0)).view(torch.float32)
+    meta = _high(r1)
+    flagged = meta < 0
+    spikes = torch.where(flagged, -1, torch.where(up, meta >> 16, meta & 0xFFFF))
+    total = torch.where(flagged, 0, spikes).sum(dtype=torch.int64)
+    return value * scales[2], spikes, total, flagged.sum(dtype=torch.int64)
+
+
+def _respond(x: Tensor, scales: Tensor, geom: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass of :meth:`MBETable.respond` over flat ``x`` (``cells``: the records as int64 pairs):
+    ``z = x / in_scale - x0`` (as :meth:`MBENeuron.normalise`; subtracting 0 leaves every float as
+    it is), its cell's 16-byte record, one comparison. ``(y, spikes, total spikes, flagged
+    elements)``, flagged spikes -1."""
+    z = x / scales[0] - scales[1]
+    return _respond_in(z, scales, cells, _cell_of(z, geom[0], geom[1], geom[2]) * 2)
+
+
+def _respond_sub(x: Tensor, scales: Tensor, geom: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_respond` for records with sub-grids: a cell of more bounds holds (sub-grid origin,
+    inv_width, first record, -2 - last sub-cell), and the element takes that sub-grid cell's
+    record; elsewhere the same record again (in the cache: the second gather is dependent only
+    for elements of such cells)."""
+    z = x / scales[0] - scales[1]
+    cell = _cell_of(z, geom[0], geom[1], geom[2])
+    r0, r1 = cells[cell * 2], cells[cell * 2 + 1]
+    meta = _high(r1)
+    sub = meta < -1
+    sub_cell = _cell_of(z, _low(r0).view(torch.float32), _high(r0).view(torch.float32), (-2 - meta).to(torch.float32))
+    return _respond_in(z, scales, cells, torch.where(sub, _low(r1) + sub_cell, cell) * 2)
+
+
+# every index is in range by construction (cells clamped to the grid, NaN to the sentinel record,
+# sub-cells clamped to their sub-grid), so inductor's per-gather bounds checks (a third of the
+# pass) are left out
+_RESPOND = CompiledKernel(_respond, {"assert_indirect_indexing": False})
+_RESPOND_SUB = CompiledKernel(_respond_sub, {"assert_indirect_indexing": False})
 
 
 def _take(table: Tensor, j: Tensor) -> Tensor:
@@ -277,6 +370,121 @@ def _with_grid(tab: MBETable, max_cells: int = 1 << 20) -> MBETable:
         packed = torch.stack([tab.biased.view(torch.int32), tab.spikes], 1).view(torch.int64).reshape(-1)
     return MBETable(tab.bounds, tab.values, tab.spikes, tab.biased, lo, inv_width, start, padded, probes, steps, grid,
                     packed)
+
+
+#: cells of the first grid of the cell records (16 bytes each: 16 MiB)
+MAX_RECORD_CELLS = 1 << 20
+#: a sub-grid has at most this many cells per bound of its cell
+SUB_CELLS_PER_BOUND = 64
+_GRID_FACTORS = (1.0, 1.0625, 1.125, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+
+
+def _grid_of(bounds: Tensor, cells: int) -> tuple[Tensor, Tensor] | None:
+    """``cells`` cells of equal width, the first and last bound mid-cell: ``(geom = (origin,
+    inv_width, G - 1) float32, bounds per cell [G + 1])``; ``None`` if the width is no finite float32."""
+    lo, hi = float(bounds[0]), float(bounds[-1])
+    width = (hi - lo) / (cells - 1)
+    geom = torch.tensor([lo - width / 2, 1.0 / width, cells - 1], dtype=torch.float32)
+    if not bool(torch.isfinite(geom).all()) or not float(geom[1]) > 0:
+        return None
+    return geom, torch.bincount(_cell_of(bounds, *geom), minlength=cells + 1)
+
+
+def _grid(bounds: Tensor, max_cells: int, max_dense: float) -> tuple[Tensor, Tensor] | None:
+    """The grid of the cell records (:func:`_grid_of`), G from len(bounds) up to ``max_cells``: the
+    first that leaves no cell more than one bound, up to twice the bounds; else the first that
+    leaves at most a ``max_dense`` share of the bounds in denser cells (0: none)."""
+    k = len(bounds)
+    sizes = [(f, min(max_cells, math.ceil(k * f) + 1)) for f in _GRID_FACTORS]
+    for share, top in ((0.0, 2.0), (max_dense, math.inf)):
+        for factor, cells in sizes:
+            if factor > top:
+                break
+            found = _grid_of(bounds, cells)
+            if found is None:
+                return None
+            per_cell = found[1]
+            if float(per_cell[per_cell > 1].sum()) <= share * k:
+                return found
+            if cells == max_cells:
+                break
+    return found
+
+
+def _records(tab: MBETable, start: Tensor, per_cell: Tensor) -> Tensor:
+    """``[G, 4]`` int32 records of grid cells holding ``per_cell`` bounds from ``bounds[start]`` on
+    (``start``: the interval at each cell's left end): (first bound or NaN, biased value below it,
+    at or above it, spikes below | above << 16), meta -1 where a cell holds more than one bound."""
+    k = len(tab.bounds)
+    nxt = (start + 1).clamp(max=k)
+    bound = torch.where(per_cell > 0, tab.bounds[start.clamp(max=k - 1)], math.nan)
+    meta = torch.where(per_cell > 1, -1, tab.spikes[start] | (tab.spikes[nxt] << 16)).int()
+    return torch.stack([bound.view(torch.int32), tab.biased[start].view(torch.int32),
+                        tab.biased[nxt].view(torch.int32), meta], 1)
+
+
+def _sub_grids(bounds: Tensor, first: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A grid for each run ``bounds[first_i : first_i + n_i]`` (the bounds of one dense cell), the
+    fewest cells (``n_i`` times a factor, up to :data:`SUB_CELLS_PER_BOUND`) that leave no cell
+    more than one bound: ``(geoms [D, 3] float32, sub-cell of each run's bounds, runs' owners)``."""
+    d = len(first)
+    owner = torch.repeat_interleave(torch.arange(d), n)  # [bounds of the runs]
+    idx = first[owner] + torch.arange(len(owner)) - (torch.cumsum(n, 0) - n)[owner]
+    b = bounds[idx]
+    lo, hi = bounds[first].double(), bounds[first + n - 1].double()
+    geoms = torch.zeros(d, 3, dtype=torch.float32)
+    pending = torch.ones(d, dtype=torch.bool)
+    for factor in _GRID_FACTORS:
+        last = min(factor, SUB_CELLS_PER_BOUND) * n
+        cells = torch.ceil(last.double()) + 1
+        width = (hi - lo) / (cells - 1)
+        g = torch.stack([lo - width / 2, 1.0 / width, cells - 1], 1).float()
+        geoms = torch.where(pending[:, None], g, geoms)
+        sc = _cell_of(b, geoms[owner, 0], geoms[owner, 1], geoms[owner, 2])
+        # sorted bounds: a cell holds two iff two neighbours of one run share it
+        clash = (sc[1:] == sc[:-1]) & (owner[1:] == owner[:-1])
+        bad = torch.zeros(d, dtype=torch.bool)
+        bad[owner[1:][clash]] = True
+        pending &= bad
+        if not bool(pending.any()) or factor >= SUB_CELLS_PER_BOUND:
+            break
+    return geoms, sc, owner
+
+
+def _with_cells(tab: MBETable, max_cells: int = MAX_RECORD_CELLS) -> MBETable:
+    """Add the cell records of :meth:`MBETable.respond` to a float32 table: a grid over the bounds
+    with at most one bound in most cells (:func:`_grid`), each denser cell pointing to a grid of
+    its own bounds (its record: the sub-grid's origin, inv_width, first record, -2 - last cell).
+    Elements whose sub-grid cell still holds more than one bound (bounds closer than the
+    sub-grid resolves) and NaN are flagged and take :meth:`MBETable.lookup`."""
+    k = len(tab.bounds)
+    if tab.bounds.dtype != torch.float32 or k < 2 or int(tab.spikes.max()) > 0x7FFF:
+        return tab
+    found = _grid(tab.bounds, max_cells, max_dense=0.05)
+    if found is None:
+        return tab
+    geom, per_cell = found
+    cells = int(geom[2]) + 1
+    per_cell = per_cell[:cells]
+    starts = torch.cumsum(per_cell, 0) - per_cell
+    rec = _records(tab, starts, per_cell)
+    nan = torch.tensor([[0x7FC00000, 0x7FC00000, 0x7FC00000, -1]], dtype=torch.int32)  # cell G: NaN, flagged
+    dense = (per_cell > 1).nonzero().squeeze(1)
+    if len(dense) == 0 or not bool(torch.isfinite(tab.bounds[[0, -1]]).all()):
+        return replace(tab, cells=torch.cat([rec, nan]).reshape(-1).contiguous(), geom=geom)
+    first, n = starts[dense], per_cell[dense]
+    geoms, sc, owner = _sub_grids(tab.bounds, first, n)
+    sizes = geoms[:, 2].long() + 1
+    base = cells + 1 + torch.cumsum(sizes, 0) - sizes  # each sub-grid's first record
+    sub_per = torch.bincount(base[owner] - (cells + 1) + sc, minlength=int(sizes.sum()))
+    sub_owner = torch.repeat_interleave(torch.arange(len(dense)), sizes)
+    # the interval at a sub-cell's left end: its run's first, plus the run's bounds in earlier sub-cells
+    before = torch.cumsum(sub_per, 0) - sub_per
+    sub_start = first[sub_owner] + before - before[(base - (cells + 1))[sub_owner]]
+    rec[dense] = torch.stack([geoms[:, 0].view(torch.int32), geoms[:, 1].view(torch.int32), base.int(),
+                              (-2 - geoms[:, 2].long()).int()], 1)
+    parts = [rec, nan, _records(tab, sub_start, sub_per)]
+    return replace(tab, cells=torch.cat(parts).reshape(-1).contiguous(), geom=geom, sub_grids=True)
 
 
 def _basis_intervals(theta: Tensor, reset: Tensor, intensity: Tensor, delta: Tensor) -> tuple[Tensor, ...]:
@@ -435,7 +643,7 @@ class MBECode:
                 if acc is not None:
                     groups.append(acc)
             values = groups[0] if len(groups) == 1 else groups[0] + groups[1]
-            tab = _with_grid(MBETable(bounds.contiguous(), values, spikes, values + bias))
+            tab = _with_cells(_with_grid(MBETable(bounds.contiguous(), values, spikes, values + bias)))
             self._tables[key] = MBETable(**{f.name: _to(getattr(tab, f.name), device) for f in fields(tab)})
         return self._tables[key]
 
@@ -524,7 +732,8 @@ class MBENeuron(base.MemoryModule):
         self.register_buffer("out_scale", torch.tensor(float(out_scale), dtype=torch.float64))
         self.register_memory("v", None)
         self.step_mode = "s"
-        self._record: tuple[weakref.ref, Tensor] | None = None  # (input, its spike counts)
+        # (input, its spike counts, their sum or None)
+        self._record: tuple[weakref.ref, Tensor, Tensor | None] | None = None
 
     def supported_step_mode(self) -> tuple[str, ...]:
         return ("s",)
@@ -546,7 +755,7 @@ class MBENeuron(base.MemoryModule):
         state["_record"] = None  # a weak reference does not pickle, and the record is not state
         return state
 
-    def _remember(self, x: Tensor, counts: Tensor) -> None:
+    def _remember(self, x: Tensor, counts: Tensor, total: Tensor | None) -> None:
         me = weakref.ref(self)
 
         def drop(ref: weakref.ref) -> None:  # the input is gone: free its counts
@@ -554,7 +763,7 @@ class MBENeuron(base.MemoryModule):
             if n is not None and n._record is not None and n._record[0] is ref:
                 n._record = None
 
-        self._record = (weakref.ref(x, drop), counts)
+        self._record = (weakref.ref(x, drop), counts, total)
 
     def normalise(self, x: Tensor) -> Tensor:
         """``z = x / in_scale - x0``."""
@@ -567,17 +776,20 @@ class MBENeuron(base.MemoryModule):
         if self.exact:
             prim = PRIMITIVES[self.code.primitive]
             return (prim.fn(x / self.in_scale.to(x.dtype)) * self.out_scale.to(x.dtype),), (None,)
-        z = self.normalise(x)
         if self.fast:
-            value, counts = self.code(z)
-            v = None
+            out = self.code.table(x.dtype, x.device).respond(x, self.in_scale, self.code.x0, self.out_scale)
+            if out is None:
+                value, counts = self.code(self.normalise(x))
+                y, total = value * self.out_scale.to(x.dtype), None
+            else:
+                y, counts, total = out
             if counting_active():  # the evaluation's counters will ask for these counts
-                self._remember(x, counts)
-        else:
-            theta, reset, intensity, weight, delta, sign, bias = self.code.constants(z.dtype, z.device)
-            value, _ = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)
-            v = self.membranes(x)
-        return (value * self.out_scale.to(x.dtype),), (v,)
+                self._remember(x, counts, total)
+            return (y,), (None,)
+        z = self.normalise(x)
+        theta, reset, intensity, weight, delta, sign, bias = self.code.constants(z.dtype, z.device)
+        value, _ = run_steps(z, theta, reset, intensity, weight, delta, sign, bias)
+        return (value * self.out_scale.to(x.dtype),), (self.membranes(x),)
 
     def membranes(self, x: Tensor) -> Tensor:
         """Membranes ``u_n(T)`` ``[N, *x.shape]`` after presenting ``x`` (step-by-step)."""
@@ -616,15 +828,23 @@ class MBENeuron(base.MemoryModule):
             return record[1]
         return self.code(self.normalise(x), exact_table=self.fast)[1]
 
+    def spike_total(self, x: Tensor) -> Tensor:
+        """All spikes for input ``x`` (bases, steps, elements): a 0-d float64 tensor on its device,
+        from the sum the forward's pass made when it kept the counts."""
+        record = self._record
+        if record is not None and record[2] is not None and record[0]() is x:
+            return record[2].to(torch.float64)
+        return self.spike_counts(x).sum(dtype=torch.float64)  # small integers: exact in float64
+
     def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, float]:
         """``(spikes summed over bases and steps, elements x N x T)`` of the call just made (the
         spikes a 0-d tensor on the input's device: no host synchronisation)."""
         x = inputs[0]
-        return self.spike_counts(x).sum(), float(x.numel() * self.code.N * self.code.T)
+        return self.spike_total(x), float(x.numel() * self.code.N * self.code.T)
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """A stand-alone neuron costs one AC per spike (docs/methods.md §4.4: ``T N eta E_AC``)."""
-        return 0.0, self.spike_counts(inputs[0]).sum()
+        return 0.0, self.spike_total(inputs[0])
 
     def extra_repr(self) -> str:
         mode = "exact" if self.exact else ("table" if self.fast else "steps")

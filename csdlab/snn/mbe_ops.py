@@ -58,10 +58,6 @@ def _and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> Tensor:
     return (count_a * count_b).sum(dtype=torch.int64).double()
 
 
-def _total(count: Tensor) -> Tensor:
-    return count.sum(dtype=torch.float64)  # spikes: small integers, exact in float64
-
-
 class _Seen:
     """The neuron inputs a module made from its input ``x`` in its last forward, kept only while the
     evaluation's counters count (:func:`~csdlab.snn.counting.counting_cache`) and handed once to its
@@ -128,8 +124,9 @@ class MBEProduct(nn.Module):
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, AND events + spikes of both encoders)`` (a tensor on the inputs' device)."""
-        ca, cb = self.enc_a.spike_counts(inputs[0]), self.enc_b.spike_counts(inputs[1])
-        return 0.0, _and_events(ca, cb, self.matmul) + _total(ca) + _total(cb)
+        a, b = inputs[0], inputs[1]
+        ca, cb = self.enc_a.spike_counts(a), self.enc_b.spike_counts(b)
+        return 0.0, _and_events(ca, cb, self.matmul) + self.enc_a.spike_total(a) + self.enc_b.spike_total(b)
 
     def extra_repr(self) -> str:
         return f"matmul={self.matmul}, scale={self.scale:.4g}"
@@ -176,7 +173,7 @@ class MBESoftmax(nn.Module):
         else:
             frac, mant = seen
         cp, cr = self.exp2.spike_counts(frac), self.recip.spike_counts(mant)
-        return 0.0, 2.0 * _total(cp) + _total(cr) + _and_events(cp, cr, matmul=False)
+        return 0.0, 2.0 * self.exp2.spike_total(frac) + self.recip.spike_total(mant) + _and_events(cp, cr, matmul=False)
 
 
 class MBELayerNorm(nn.Module):
@@ -232,7 +229,7 @@ class MBELayerNorm(nn.Module):
             xc_in, mant = seen
         cc, cr = self.centred.spike_counts(xc_in), self.rsqrt.spike_counts(mant)
         ands = _and_events(cc, cc, matmul=False) + _and_events(cc, cr, matmul=False)
-        return 0.0, _total(cc) + _total(cr) + ands
+        return 0.0, self.centred.spike_total(xc_in) + self.rsqrt.spike_total(mant) + ands
 
 
 class MBELinear(nn.Module):
@@ -252,7 +249,7 @@ class MBELinear(nn.Module):
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, spikes x (fan-out + 1))``: one AC per event and output, one in the neuron."""
-        events = _total(self.encoder.spike_counts(inputs[0]))
+        events = self.encoder.spike_total(inputs[0])
         return 0.0, events * (self.linear.out_features + 1)
 
 

@@ -224,3 +224,75 @@ def test_neuron_with_kept_counts_pickles():
     with counting_cache():
         sm(scores)
     assert sm._seen.ref is not None and pickle.loads(pickle.dumps(sm))._seen.ref is None
+
+
+def _respond_reference(tab, x: Tensor, in_scale: Tensor, x0: float, out_scale: Tensor) -> tuple[Tensor, Tensor]:
+    # what the neuron did before the one-pass response: normalise, look up, scale
+    z = x / in_scale.to(x.dtype)
+    z = z - x0 if x0 != 0.0 else z
+    value, spikes = tab.lookup(z)
+    return value * out_scale.to(x.dtype), spikes
+
+
+@pytest.mark.parametrize(("primitive", "T", "N", "sub_grids"), [("identity", 16, 8, False), ("gelu", 16, 4, True),
+                                                                 ("exp2", 16, 8, True), ("rsqrt", 16, 8, True),
+                                                                 ("recip", 8, 8, None), ("identity", 3, 8, None)])
+def test_one_pass_response_is_the_lookup_bit_for_bit(primitive, T, N, sub_grids):
+    """The compiled one-pass response (cell records, sub-grids for cells of several bounds) gives
+    the lookup's outputs and spike counts bit for bit, and their sum, at and just below every
+    breakpoint (scaled back to ``x``), on a spread, at +-0, +-inf and huge values."""
+    from csdlab.snn import mbe
+
+    code = load_code(primitive, T, N)
+    tab = code.table(torch.float32, "cpu")
+    if sub_grids is not None:
+        assert tab.sub_grids == sub_grids  # both kernels are exercised
+    in_scale, out_scale = torch.tensor(2.5, dtype=torch.float64), torch.tensor(0.75, dtype=torch.float64)
+    z = _edge_inputs(tab.bounds, torch.Generator().manual_seed(4))
+    for x in (z * 2.5 + code.x0 * 2.5, z):  # near every breakpoint after normalising, and raw
+        out = tab.respond(x, in_scale, code.x0, out_scale)
+        if out is None:
+            pytest.skip(f"torch.compile unavailable here ({mbe._RESPOND.failed})")
+        y, spikes, total = out
+        ref_y, ref_spikes = _respond_reference(tab, x, in_scale, code.x0, out_scale)
+        assert torch.equal(y, ref_y) and torch.equal(spikes, ref_spikes)
+        assert int(total) == int(ref_spikes.sum())
+    assert (mbe._RESPOND_SUB if tab.sub_grids else mbe._RESPOND)._compiled is not None  # the compiled pass ran
+
+
+def test_one_pass_response_falls_back_for_unresolved_cells(monkeypatch):
+    """Sub-grids too coarse to separate their bounds leave cells flagged: those elements take the
+    lookup inside the same call, and the result is still the lookup's, bit for bit."""
+    from csdlab.snn import mbe
+
+    monkeypatch.setattr(mbe, "SUB_CELLS_PER_BOUND", 1)
+    code = load_code("gelu", 8, 4)
+    tab = mbe._with_cells(code.table(torch.float32, "cpu"), max_cells=64)
+    meta = tab.cells.view(-1, 4)[:, 3]
+    assert tab.sub_grids and int((meta[int(tab.geom[2]) + 2:] == -1).sum()) > 0  # unresolved sub-cells
+    x = _edge_inputs(tab.bounds, torch.Generator().manual_seed(5))
+    one = torch.tensor(1.0, dtype=torch.float64)
+    out = tab.respond(x, one, 0.0, one)
+    if out is None:
+        pytest.skip(f"torch.compile unavailable here ({mbe._RESPOND.failed})")
+    flagged = mbe._respond_sub(x, torch.tensor([1.0, 0.0, 1.0]), tab.geom, tab.cells.view(torch.int64))[3]
+    assert int(flagged) > 0
+    ref = _respond_reference(tab, x, one, 0.0, one)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and int(out[2]) == int(ref[1].sum())
+
+
+def test_one_pass_response_only_where_it_applies(monkeypatch):
+    """float64, and a process without torch.compile (CSDLAB_COMPILE=0), take normalise / lookup /
+    scale (``respond`` answers None); the neuron's outputs and counts are the same either way."""
+    code = load_code("gelu", 16, 4)
+    x = torch.randn(5_000, generator=torch.Generator().manual_seed(6)) * 4
+    assert code.table(torch.float64, "cpu").respond(x.double(), torch.tensor(1.0), 0.0, torch.tensor(1.0)) is None
+    with counting_cache():
+        fast = MBENeuron(code, 1.5, 2.0)
+        y = fast(x)
+        counts, total = fast.spike_counts(x), fast.spike_total(x)
+    monkeypatch.setenv("CSDLAB_COMPILE", "0")
+    assert code.table(torch.float32, "cpu").respond(x, torch.tensor(1.0), 0.0, torch.tensor(1.0)) is None
+    eager = MBENeuron(code, 1.5, 2.0)
+    assert torch.equal(eager(x), y) and torch.equal(eager.spike_counts(x), counts)
+    assert float(total) == float(counts.sum())
