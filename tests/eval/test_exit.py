@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
-from csdlab.eval.exit import EarlyExit, ExitGrid, exit_indices, exit_scores
+from csdlab.eval.exit import EXIT_RULES, EarlyExit, ExitGrid, exit_indices, exit_scores
 from csdlab.eval.metrics import ConversionMetrics
 from tests.eval.test_metrics import _Reference, _Snn
 
@@ -130,3 +134,43 @@ def test_exit_energy_charges_each_image_its_own_steps() -> None:
 def test_exit_for_an_unknown_variant_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown variants"):
         ConversionMetrics(3, {"T2": _Snn()}, exits={"T8": ExitGrid(["stable"], [1.0], chosen=0)})
+
+
+# -- through convert.py ---------------------------------------------------------------------------
+def _convert(ckpt: Path, out: Path, converter: str, *extra: str) -> Any:
+    from csdlab.cli import make_convert_cli
+
+    return make_convert_cli(["test", "--model.converter", converter, "--model.checkpoint", str(ckpt),
+                             "--data.batch_size", "64", "--data.limit", "64", "--data.data_dir", str(out / "data"),
+                             "--data.calib_batches", "1", "--trainer.accelerator", "cpu",
+                             "--progress_bar.refresh_rate", "0", "--report.out_dir", str(out),
+                             "--trainer.default_root_dir", str(out), *extra])
+
+
+def test_ecmt_early_exit_through_convert(digits_vit: Path, tmp_path: Path) -> None:
+    cli = _convert(digits_vit, tmp_path, "ECMTConverter", "--model.converter.T", "4", "--model.early_exit", "auto",
+                   "--model.exit_tolerance", "0.01", "--data.exit_images", "128")
+    r = cli.model.results
+    f, g = r["figures"], r["early_exit"]["T4"]
+    assert g["calibration"]["images"] == [128.0]
+    assert 1.0 <= f["exit/T4/mean_steps"] <= 4.0
+    assert sum(f[f"exit/T4/steps_t{t}"] for t in range(1, 5)) == pytest.approx(1.0)
+    assert f["exit/T4/mean_steps"] == pytest.approx(sum(t * f[f"exit/T4/steps_t{t}"] for t in range(1, 5)))
+    # the curve ends at the fixed-T readout: stable for k = T steps runs every image to the end
+    assert f["exit/T4/stable/mean_steps_s3"] == 4.0 and f["exit/T4/stable/top1_s3"] == f["snn/T4/top1"]
+    assert f["exit/T4/stable/energy_ratio_s3"] == pytest.approx(f["energy/T4/ratio"])
+    assert f["exit/T4/stable/mean_steps_s0"] == 1.0 and f["exit/T4/stable/top1_s0"] == f["snn/T4/top1_t1"]
+    written = json.loads((tmp_path / "figures.json").read_text())
+    assert "early_exit" in written["tables"] and written["early_exit"]["T4"]["chosen_rule"] in EXIT_RULES
+    assert {"exit_accuracy_vs_steps_T4.png", "exit_accuracy_vs_energy_T4.png", "exit_steps_T4.png"} <= {
+        p.name for p in tmp_path.glob("*.png")}
+
+
+def test_early_exit_needs_a_per_step_readout(digits_vit: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="read out only after their last step: drop --model.early_exit"):
+        _convert(digits_vit, tmp_path, "MBEConverter", "--model.converter.Ts", "[2]", "--model.early_exit", "auto")
+
+
+def test_exit_images_never_come_from_the_scored_split(digits_vit: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--data.exit_split train"):
+        _convert(digits_vit, tmp_path, "ECMTConverter", "--data.split", "val", "--model.early_exit", "auto")
