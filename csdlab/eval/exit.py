@@ -21,7 +21,7 @@ scores every setting of the grid on the test images (the curve) and the chosen o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,18 +62,20 @@ def exit_scores(readout: Tensor, rule: str) -> Tensor:
     return readout.float().softmax(-1).amax(-1).to(readout.dtype)
 
 
-def exit_indices(scores: Tensor, thresholds: Tensor) -> Tensor:
-    """The readout row each image exits at, for every threshold: the first row whose score is
-    ``>= threshold``, else the last row.
+def exit_indices(scores: Tensor, thresholds: Tensor, min_row: int = 0) -> Tensor:
+    """The readout row each image exits at, for every threshold: the first row from ``min_row`` on
+    whose score is ``>= threshold``, else the last row.
 
     Args:
         scores: ``[R, B]`` (:func:`exit_scores`).
         thresholds: ``[S]``.
+        min_row: no image exits before this row (0: any row).
 
     Returns:
         ``[S, B]`` row indices (long).
     """
     hit = scores.unsqueeze(0) >= thresholds.to(scores).view(-1, 1, 1)  # [S, R, B]
+    hit[:, :min_row] = False
     hit[:, -1] = True  # an image that never passes runs to the end
     return hit.to(torch.uint8).argmax(1)  # argmax returns the first maximal index: the first hit
 
@@ -82,20 +84,24 @@ def exit_indices(scores: Tensor, thresholds: Tensor) -> Tensor:
 class ExitGrid:
     """The exit settings of one spiking variant: thresholds per rule and the chosen setting.
 
-    ``rules[i]`` and ``thresholds[i]`` describe setting ``i``; settings of one rule are
-    contiguous, in :data:`EXIT_RULES` order, thresholds ascending (more steps as i grows).
+    ``rules[i]``, ``thresholds[i]`` and ``min_rows[i]`` (no exit before that readout row)
+    describe setting ``i``; settings of one rule are contiguous, in :data:`EXIT_RULES` order,
+    thresholds ascending (more steps as i grows).
     """
 
     rules: list[str]
     thresholds: list[float]
     chosen: int
+    min_rows: list[int] = field(default_factory=list)  # empty: 0 for every setting
     #: the calibration figures of every setting (fractions / steps), for the report
     calibration: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.rules) != len(self.thresholds) or not self.rules:
-            raise ValueError(f"an exit grid needs one rule per threshold, got {len(self.rules)} rules and "
-                             f"{len(self.thresholds)} thresholds")
+        if not self.min_rows:
+            self.min_rows = [0] * len(self.rules)
+        if not self.rules or not len(self.rules) == len(self.thresholds) == len(self.min_rows):
+            raise ValueError(f"an exit grid needs one rule, threshold and min row per setting, got {len(self.rules)}, "
+                             f"{len(self.thresholds)} and {len(self.min_rows)}")
         if not 0 <= self.chosen < len(self.rules):
             raise ValueError(f"chosen setting {self.chosen} is outside the grid's {len(self.rules)} settings")
 
@@ -107,16 +113,20 @@ class ExitGrid:
         """The exit row of every image under every setting, ``[S, B]``."""
         out = torch.empty(len(self.rules), readout.shape[1], dtype=torch.long, device=readout.device)
         for rule in EXIT_RULES:
-            idx = self.settings(rule)
-            if idx:
+            if not self.settings(rule):
+                continue
+            scores = exit_scores(readout, rule).double()
+            for m in sorted({self.min_rows[i] for i in self.settings(rule)}):
+                idx = [i for i in self.settings(rule) if self.min_rows[i] == m]
                 th = torch.tensor([self.thresholds[i] for i in idx], dtype=torch.float64)
-                out[idx] = exit_indices(exit_scores(readout, rule).double(), th)
+                out[idx] = exit_indices(scores, th, m)
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"rules": self.rules, "thresholds": self.thresholds, "chosen": self.chosen,
-                "chosen_rule": self.rules[self.chosen], "chosen_threshold": self.thresholds[self.chosen],
-                "calibration": self.calibration}
+        c = self.chosen
+        return {"rules": self.rules, "thresholds": self.thresholds, "min_rows": self.min_rows, "chosen": c,
+                "chosen_rule": self.rules[c], "chosen_threshold": self.thresholds[c],
+                "chosen_min_row": self.min_rows[c], "calibration": self.calibration}
 
 
 class EarlyExit:
@@ -141,25 +151,21 @@ class EarlyExit:
             raise ValueError(f"exit grid must be >= 2 thresholds per rule, got {grid!r}")
         self.rule, self.tolerance, self.grid = rule, float(tolerance), int(grid)
 
-    def _thresholds(self, scores: Mapping[str, Tensor], rows: int) -> tuple[list[str], list[float]]:
-        rules: list[str] = []
-        thresholds: list[float] = []
-        for rule in EXIT_RULES:
-            if rule == "stable":
-                values = [float(k) for k in range(1, rows + 1)]  # k = R: every image runs to the end
-            else:
-                s = scores[rule].double().flatten()
-                q = torch.quantile(s, torch.linspace(0, 1, self.grid - 1, dtype=torch.float64, device=s.device))
-                # and one above every score: every image runs to the end
-                values = sorted(set(q.tolist())) + [float(s.max()) + 1.0]
-            rules += [rule] * len(values)
-            thresholds += values
-        return rules, thresholds
+    def _thresholds(self, scores: Tensor) -> list[float]:
+        """Quantiles of the calibration scores, and one above every score (every image runs to the end)."""
+        s = scores.double().flatten()
+        q = torch.quantile(s, torch.linspace(0, 1, self.grid - 1, dtype=torch.float64, device=s.device))
+        return sorted(set(q.tolist())) + [float(s.max()) + 1.0]
 
     @torch.no_grad()
     def calibrate(self, readouts: Sequence[Tensor], references: Sequence[Tensor], labels: Sequence[Tensor],
                   steps: Sequence[int], gather: Callable[[Tensor], Tensor] = lambda x: x) -> ExitGrid:
         """Fix the grid and choose the setting from the readouts of calibration batches.
+
+        ``stable`` gets every k = 1..R. ``margin`` and ``confidence`` get ``grid`` thresholds (quantiles
+        of their calibration scores) at one first allowed exit row, the row (searched over all) whose
+        admissible setting takes the fewest steps: the first readouts of a rate-coded SNN can be
+        confidently wrong (ECMT's t = 1), and a threshold alone cannot tell that apart.
 
         Args:
             readouts: per batch, the SNN's readout ``[R, B, K]``.
@@ -176,31 +182,47 @@ class EarlyExit:
         readout = gather(torch.cat(list(readouts), 1).transpose(0, 1)).transpose(0, 1)  # [R, N, K]
         ref = gather(torch.cat(list(references))).to(readout.device)
         y = gather(torch.cat(list(labels)).to(readout.device))
-        scores = {r: exit_scores(readout, r) for r in EXIT_RULES}
-        rules, thresholds = self._thresholds(scores, len(readout))
-        grid = ExitGrid(rules, thresholds, chosen=0)
-        idx = grid.indices(readout)  # [S, N]
+        rows = len(readout)
         t = torch.tensor(list(steps), dtype=torch.float64, device=readout.device)
-        pred = readout.argmax(-1).gather(0, idx)  # [S, N]: the class of each image's exit readout
-        sums = torch.stack([(pred == y).double().sum(1), (pred == ref.argmax(-1).to(pred)).double().sum(1),
-                            t[idx].sum(1)])  # [3, S]
-        n = float(len(y))
-        top1, agreement, mean_steps = (sums / n).tolist()
         ref_top1 = float((ref.argmax(-1).to(y) == y).double().mean())
+        top = readout.argmax(-1)  # [R, N]
+
+        def figures(grid: ExitGrid) -> dict[str, list[float]]:
+            idx = grid.indices(readout)  # [S, N]
+            pred = top.gather(0, idx)  # the class of each image's exit readout
+            return {"top1": (pred == y).double().mean(1).tolist(),
+                    "agreement": (pred == ref.argmax(-1).to(pred)).double().mean(1).tolist(),
+                    "mean_steps": t[idx].mean(1).tolist()}
+
+        def admissible(fig: dict[str, list[float]], candidates: list[int]) -> int:
+            """The least-steps setting within tolerance, else the most accurate."""
+            ok = [i for i in candidates if ref_top1 - fig["top1"][i] <= self.tolerance + 1e-12]
+            if ok:
+                return min(ok, key=lambda i: (fig["mean_steps"][i], -fig["top1"][i]))
+            return max(candidates, key=lambda i: (fig["top1"][i], -fig["mean_steps"][i]))
+
+        rules, thresholds, min_rows = ["stable"] * rows, [float(k) for k in range(1, rows + 1)], [0] * rows
+        for rule in EXIT_RULES[1:]:
+            th = self._thresholds(exit_scores(readout, rule))
+            search = ExitGrid([rule] * (rows * len(th)), th * rows, 0, [m for m in range(rows) for _ in th])
+            fig = figures(search)
+            best = admissible(fig, list(range(len(search.rules))))
+            rules += [rule] * len(th)
+            thresholds += th
+            min_rows += [search.min_rows[best]] * len(th)
+        grid = ExitGrid(rules, thresholds, 0, min_rows)
+        fig = figures(grid)
         allowed = [i for i, r in enumerate(rules) if self.rule in ("auto", r)]
-        ok = [i for i in allowed if ref_top1 - top1[i] <= self.tolerance + 1e-12]
-        if ok:
-            chosen = min(ok, key=lambda i: (mean_steps[i], -top1[i]))
-        else:
-            chosen = max(allowed, key=lambda i: (top1[i], -mean_steps[i]))
+        chosen = grid.chosen = admissible(fig, allowed)
+        if ref_top1 - fig["top1"][chosen] > self.tolerance + 1e-12:
             log.warning("early exit: no setting is within %.2f points of the reference on the %d calibration "
                         "images (best %.2f vs %.2f %%); the most accurate one is used", 100 * self.tolerance,
-                        int(n), 100 * top1[chosen], 100 * ref_top1)
-        grid.chosen = chosen
-        grid.calibration = {"images": [n], "ref_top1": [ref_top1], "top1": top1, "agreement": agreement,
-                            "mean_steps": mean_steps}
-        log.info("early exit: %s >= %.4g, %.2f steps per image on average, %.2f %% (reference %.2f %%) on %d "
-                 "calibration images", rules[chosen], thresholds[chosen], mean_steps[chosen], 100 * top1[chosen],
-                 100 * ref_top1, int(n))
+                        len(y), 100 * fig["top1"][chosen], 100 * ref_top1)
+        grid.calibration = {"images": [float(len(y))], "ref_top1": [ref_top1], **fig}
+        mean_steps, top1 = fig["mean_steps"], fig["top1"]
+        n = len(y)
+        log.info("early exit: %s >= %.4g from step %d, %.2f steps per image on average, %.2f %% (reference "
+                 "%.2f %%) on %d calibration images", rules[chosen], thresholds[chosen], int(t[min_rows[chosen]]),
+                 mean_steps[chosen], 100 * top1[chosen], 100 * ref_top1, n)
         return grid
 

@@ -25,6 +25,7 @@ a readout step):
                                    counters count per batch, not per image; docs/early_exit.md)
 ``exit/{v}/{rule}/{f}_s{i}``       the curve: ``f`` = ``threshold``, ``top1``, ``agreement``,
                                    ``mean_steps``, ``energy_ratio`` at setting i of ``rule``
+``exit/{v}/{rule}/first_step``     the earliest step ``rule``'s settings may exit at
 ================================  ============================================================
 
 The ``exit/`` figures exist for variants given an exit grid (:mod:`csdlab.eval.exit`).
@@ -216,6 +217,8 @@ class ConversionMetrics(nn.Module):
         for t, share in zip(self.readout_steps[v], hist.tolist(), strict=True):
             out[f"exit/{v}/steps_t{t}"] = share
         for rule in EXIT_RULES:
+            if grid.settings(rule):
+                out[f"exit/{v}/{rule}/first_step"] = float(self.readout_steps[v][grid.min_rows[grid.settings(rule)[0]]])
             for i, s in enumerate(grid.settings(rule)):
                 out[f"exit/{v}/{rule}/threshold_s{i}"] = float(grid.thresholds[s])
                 for f, values in curve.items():
