@@ -54,7 +54,7 @@ class ConversionData(L.LightningDataModule):
 
     def __init__(self, dataset: str | None = None, data_dir: str = "data", split: str = "test",
                  batch_size: int = 128, num_workers: int = 0, limit: int | None = None, calib_batches: int = 8,
-                 img_size: int | None = None, model_data: dict[str, Any] | None = None, exit_images: int = 2000,
+                 img_size: int | None = None, model_data: dict[str, Any] | None = None, exit_images: int = 5000,
                  exit_split: str = "val") -> None:
         super().__init__()
         if split not in ("test", "val"):

@@ -174,3 +174,15 @@ def test_early_exit_needs_a_per_step_readout(digits_vit: Path, tmp_path: Path) -
 def test_exit_images_never_come_from_the_scored_split(digits_vit: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--data.exit_split train"):
         _convert(digits_vit, tmp_path, "ECMTConverter", "--data.split", "val", "--model.early_exit", "auto")
+
+
+def test_csdformer_early_exit_through_convert(digits_qann: Path, tmp_path: Path) -> None:
+    cli = _convert(digits_qann, tmp_path, "csdlab.convert.csdformer.CSDformerConverter",
+                   "--model.converter.delays", "[0, 3]", "--model.early_exit", "stable", "--data.exit_images", "64")
+    r = cli.model.results
+    f = r["figures"]
+    assert set(r["early_exit"]) == {"D0", "D3"} and r["early_exit"]["D3"]["chosen_rule"] == "stable"
+    # D3 reproduces the QANN exactly at its last step: stable for k = T steps is the fixed-T readout
+    T = r["variants"]["D3"]["time_steps"]
+    assert f[f"exit/D3/stable/top1_s{T - 1}"] == f["snn/D3/top1"] == f["ref/top1"]
+    assert 1.0 <= f["exit/D3/mean_steps"] <= T
