@@ -146,7 +146,8 @@ class EarlyExit:
             raise ValueError(f"early_exit must be one of {EXIT_RULES + ('auto',)} (or None: no early exit), "
                              f"got {rule!r}")
         if not 0.0 <= tolerance < 1.0:
-            raise ValueError(f"exit tolerance is an accuracy fraction in [0, 1) (0.003 = 0.3 points), got {tolerance!r}")
+            raise ValueError(f"exit tolerance is an accuracy fraction in [0, 1) (0.003 = 0.3 points), "
+                             f"got {tolerance!r}")
         if grid < 2:
             raise ValueError(f"exit grid must be >= 2 thresholds per rule, got {grid!r}")
         self.rule, self.tolerance, self.grid = rule, float(tolerance), int(grid)

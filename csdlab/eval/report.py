@@ -19,8 +19,8 @@ from csdlab.eval.plots import format_table, plot_bars, plot_curves, write_json
 from csdlab.eval.checks import spike_driven_check
 from csdlab.eval.exit import EXIT_RULES
 
-__all__ = ["summary_table", "steps_table", "exit_table", "exit_curve_table", "plot_exit", "write_report", "plot_report", "log_images", "run_folder",
-           "ConversionReport"]
+__all__ = ["summary_table", "steps_table", "exit_table", "exit_curve_table", "plot_exit", "write_report",
+           "plot_report", "log_images", "run_folder", "ConversionReport"]
 
 log = logging.getLogger(__name__)
 
