@@ -16,8 +16,8 @@ of ``configs/convert/``) on the first ``--limit`` test images:
 
 Simulation time: the ANN forward and the SNN at the row's T run interleaved on one batch of
 ``--batch`` test images (``_timing.interleaved``, median of ``--repeats``). An early-exit row's
-time is interpolated linearly in T between two measured fixed-T simulations (T* and the run's
-largest T) at its mean steps: the simulators run a batch for all its steps, so this is the time a
+time is interpolated linearly between the measured simulations of the two whole step counts
+around its mean steps: the simulators run a batch for all its steps, so this is the time a
 simulator that stops each image at its exit step would take (said in the table's note).
 CSDformer's steps are its latency t + D (the D delay steps are simulated too).
 """
@@ -61,13 +61,13 @@ def _first_within(points: list[tuple[float, float, float]], target: float) -> tu
     return next((p for p in sorted(points) if p[1] >= target - 1e-12), None)
 
 
-def _time_ratios(ann: torch.nn.Module, snns: dict[str, torch.nn.Module], x: torch.Tensor,
-                 args: argparse.Namespace) -> dict[str, float]:
+def _time_ratios(ann: torch.nn.Module, snns: dict[Any, torch.nn.Module], x: torch.Tensor,
+                 args: argparse.Namespace) -> dict[Any, float]:
     """Seconds of each SNN's simulation of ``x`` over one ANN forward of ``x``, interleaved."""
-    fns = {"ANN": lambda: ann(x), **{k: (lambda s=s: s(x)) for k, s in snns.items()}}
+    fns = {"ANN": lambda: ann(x), **{str(k): (lambda s=s: s(x)) for k, s in snns.items()}}
     with torch.no_grad():
         t = medians(interleaved(fns, args.repeats, torch.device(args.device), args.warmup))
-    return {k: t[k] / t["ANN"] for k in snns}
+    return {k: t[str(k)] / t["ANN"] for k in snns}
 
 
 def _batch(cli: Any, args: argparse.Namespace) -> torch.Tensor:
@@ -108,23 +108,27 @@ def per_step_method(method: str, ckpt_name: str, args: argparse.Namespace) -> li
                          "steps": f[f"exit/{v}/mean_steps"] + delay, "top1": f[f"exit/{v}/top1"],
                          "energy": f[f"exit/{v}/energy_ratio"], "within": f[f"exit/{v}/top1"] >= target - 1e-12,
                          "calibration": res["early_exit"][v]})
-    # simulation time: the variant at T* (ECMT: rebuilt at T*, with the calibrated thresholds) and
-    # the full run, side by side with the ANN
+    # simulation time: the variant at T* and, for the early-exit row, at the two whole step counts
+    # around its mean (rebuilt with the calibrated thresholds), side by side with the ANN
     if method == "ecmt":
-        full = model.variants()[f"T{args.ecmt_T}"]
         fixed = next(r for r in rows if r["mode"] == "fixed T")
         t_star = int(fixed["steps"] or args.ecmt_T)
-        conv = copy.copy(model.converter)
-        conv.T = t_star
-        snns = {"T*": conv.convert(model.reference)[f"T{t_star}"], "Tmax": full}
-        ratios = _time_ratios(model.reference, snns, x, args)
-        slope = (ratios["Tmax"] - ratios["T*"]) / max(args.ecmt_T - t_star, 1)
+        exit_steps = [r["steps"] for r in rows if r["mode"] != "fixed T"]
+        Ts = sorted({t_star, *(n for e in exit_steps for n in (math.floor(e), math.ceil(e)))})
+
+        def rebuilt(T: int) -> torch.nn.Module:
+            conv = copy.copy(model.converter)
+            conv.T = T
+            return conv.convert(model.reference)[f"T{T}"]
+
+        ratios = _time_ratios(model.reference, {T: rebuilt(T) for T in Ts}, x, args)
         for r in rows:
             if r["mode"] == "fixed T":
-                r["ann_forwards"] = ratios["T*"] if r["within"] else ratios["Tmax"]
-            else:  # linear in T between the two measured simulations
-                r["ann_forwards"] = ratios["T*"] + slope * (r["steps"] - t_star)
-            r["time_measured"] = r["mode"] == "fixed T"
+                r["ann_forwards"], r["time_measured"] = ratios[t_star], True
+            else:  # between the measured simulations of floor(mean) and ceil(mean) steps
+                lo, hi = math.floor(r["steps"]), math.ceil(r["steps"])
+                r["ann_forwards"] = ratios[lo] + (ratios[hi] - ratios[lo]) * (r["steps"] - lo)
+                r["time_measured"] = False
     else:  # CSDformer: each variant simulates all its T + D steps for any readout
         ratios = _time_ratios(model.reference, dict(model.variants()), x, args)
         for r in rows:
