@@ -2,7 +2,7 @@
 convert.py: the issue's target (within 0.5 points of the ANN at a mean of <= 4 steps per image)
 and the README figure.
 
-Slow (about 8 minutes on 2 idle CPU cores: 5,000 calibration and 10,000 test images at T = 16):
+Slow (5,000 calibration and 10,000 test images at T = 16: 59 min here with the 2 cores shared, load ~11):
 ``pytest -m slow``. Skipped where Debian's dataset-fashion-mnist is absent.
 """
 
