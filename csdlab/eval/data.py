@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
@@ -42,16 +44,29 @@ class ConversionData(L.LightningDataModule):
         calib_batches: calibration batches of training images (shared between processes, batch
             by batch, so the figures do not depend on the world size).
         img_size: input resolution (default: the checkpoint's, else the dataset's).
+        exit_images: labelled images the early-exit setting is calibrated on (``--model.early_exit``).
+        exit_split: where they come from: ``val`` (the part of the training set held out of
+            training: the network never fitted them, so its confidence there is that of unseen
+            images) or ``train`` (training images, evaluation transforms); never the test set.
         model_data: the data settings the model expects (recorded dataset, split seed, and
             normalisation); filled in from ``model`` by the command line.
     """
 
     def __init__(self, dataset: str | None = None, data_dir: str = "data", split: str = "test",
                  batch_size: int = 128, num_workers: int = 0, limit: int | None = None, calib_batches: int = 8,
-                 img_size: int | None = None, model_data: dict[str, Any] | None = None) -> None:
+                 img_size: int | None = None, model_data: dict[str, Any] | None = None, exit_images: int = 5000,
+                 exit_split: str = "val") -> None:
         super().__init__()
         if split not in ("test", "val"):
             raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+        if exit_split not in ("val", "train"):
+            raise ValueError(f"exit_split must be 'val' (held-out training images) or 'train', got {exit_split!r}")
+        if exit_split == split:
+            raise ValueError(f"exit_split {exit_split!r} is the split being scored: calibrate early exit on other "
+                             "images (--data.exit_split train)")
+        if exit_images < 1:
+            raise ValueError(f"exit_images must be >= 1, got {exit_images}")
+        self.exit_images, self.exit_split = exit_images, exit_split
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 image (or None for all), got {limit}")
         if calib_batches < 0:
@@ -103,6 +118,29 @@ class ConversionData(L.LightningDataModule):
                 yield x
         if seen < self.calib_batches and rank == 0:
             log.warning("only %d of %d calibration batches available", seen, self.calib_batches)
+
+    def _exit_set(self) -> Any:
+        self.images.setup()
+        ds = self.images.val_set if self.exit_split == "val" else self.images.calib_set
+        # a fixed, seeded draw: the first images of the training file could be ordered by class
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: self.exit_images]
+        return Subset(ds, order.tolist())
+
+    def exit_batch_count(self) -> int:
+        """Early-exit calibration batches (all processes together)."""
+        return math.ceil(len(self._exit_set()) / self.images.hparams.batch_size)
+
+    def exit_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This process's share of the early-exit calibration batches (images and labels)."""
+        rank, world = self._rank_world()
+        if self.exit_batch_count() < world:
+            raise ValueError(f"{self.exit_batch_count()} early-exit calibration batches for {world} processes: raise "
+                             "--data.exit_images to at least one batch per process")
+        loader = DataLoader(self._exit_set(), batch_size=self.images.hparams.batch_size, shuffle=False,
+                            num_workers=self.images.hparams.num_workers)
+        for i, (x, y) in enumerate(loader):
+            if i % world == rank:
+                yield x, y
 
     def _eval_set(self) -> Any:
         self.images.setup()

@@ -17,7 +17,18 @@ a readout step):
 ``energy/{v}/ratio[_t{t}]``        E_SNN / E_ANN, ops of steps 1..t (docs/methods.md §3)
 ``energy/{v}/snn_macs``, ``_acs``  per image, whole simulation
 ``energy/ann_macs``                dense MACs of one ANN forward, per image
+``exit/{v}/top1``, ``/agreement``  with per-image early exit at the calibrated setting
+``exit/{v}/mean_steps``            readout steps per image with early exit, mean
+``exit/{v}/steps_t{t}``            share of images that exit after step t (the distribution)
+``exit/{v}/energy_ratio``          E_SNN / E_ANN with early exit: each image charged the ops of
+                                   the steps it ran, at its batch's mean ops per step (the
+                                   counters count per batch, not per image; docs/early_exit.md)
+``exit/{v}/{rule}/{f}_s{i}``       the curve: ``f`` = ``threshold``, ``top1``, ``agreement``,
+                                   ``mean_steps``, ``energy_ratio`` at setting i of ``rule``
+``exit/{v}/{rule}/first_step``     the earliest step ``rule``'s settings may exit at
 ================================  ============================================================
+
+The ``exit/`` figures exist for variants given an exit grid (:mod:`csdlab.eval.exit`).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from csdlab.eval.api import SpikingModel
 from csdlab.eval.counters import SimulationCounters, ann_macs, energy_ratio
+from csdlab.eval.exit import EXIT_RULES, ExitGrid
 
 __all__ = ["VectorSum", "ConversionMetrics", "check_finite"]
 
@@ -71,9 +83,12 @@ class ConversionMetrics(nn.Module):
         num_classes: classifier outputs.
         variants: the spiking variants by label (their readout steps and sites fix the metrics).
         with_ann: a float ANN is scored alongside the reference.
+        exits: per variant label, the calibrated early-exit settings (variants with a per-step
+            readout only; :class:`csdlab.eval.exit.EarlyExit`).
     """
 
-    def __init__(self, num_classes: int, variants: Mapping[str, SpikingModel], with_ann: bool = False) -> None:
+    def __init__(self, num_classes: int, variants: Mapping[str, SpikingModel], with_ann: bool = False,
+                 exits: Mapping[str, ExitGrid] | None = None) -> None:
         super().__init__()
         self.labels = list(variants)
         self.readout_steps = {v: list(s.readout_steps) for v, s in variants.items()}
@@ -96,6 +111,14 @@ class ConversionMetrics(nn.Module):
         # per variant: MACs per step, then ACs per step (summed over images)
         self.ops = nn.ModuleDict({v: VectorSum(2 * self.time_steps[v]) for v in self.labels})
         self.ann_ops = VectorSum(2)  # ANN MACs, images
+        self.exits = dict(exits or {})
+        unknown = set(self.exits) - set(self.labels)
+        if unknown:
+            raise ValueError(f"exit settings for unknown variants {sorted(unknown)}; the variants are {self.labels}")
+        # per exited variant: (correct, agreeing, steps, MACs, ACs) x settings, summed over images;
+        # then the exit row histogram of the chosen setting
+        self.exit_sums = nn.ModuleDict({v: VectorSum(5 * len(g.rules)) for v, g in self.exits.items()})
+        self.exit_hist = nn.ModuleDict({v: VectorSum(len(self.readout_steps[v])) for v in self.exits})
         self._ann_macs_per_image: float | None = None
 
     @torch.no_grad()
@@ -130,7 +153,24 @@ class ConversionMetrics(nn.Module):
         self.agreement[v].update((final.argmax(-1) == ref.argmax(-1)).float())
         self.max_diff[v].update((final - ref).abs().max())
         self.firing[v].update(counters.firing.counts.flatten())
-        self.ops[v].update(counters.ops.per_step.flatten())
+        per_step = counters.ops.per_step
+        self.ops[v].update(per_step.flatten())
+        if v in self.exits:
+            self._update_exit(v, readout, y, ref, per_step)
+
+    def _update_exit(self, v: str, readout: Tensor, y: Tensor, ref: Tensor, per_step: Tensor) -> None:
+        grid = self.exits[v]
+        idx = grid.indices(readout)  # [S, B]: the readout row each image exits at, per setting
+        pred = readout.argmax(-1).gather(0, idx)  # [S, B]
+        t = torch.tensor(self.readout_steps[v], device=readout.device)
+        steps = t[idx]  # [S, B]
+        # each image is charged the ops of steps 1..t_exit at this batch's mean ops per step
+        cum = (per_step.to(readout.device, torch.float64) / len(y)).cumsum(1)  # [2, T]
+        charged = cum[:, steps - 1]  # [2, S, B]
+        sums = torch.stack([(pred == y.unsqueeze(0)).double().sum(1), (pred == ref.argmax(-1)).double().sum(1),
+                            steps.double().sum(1), charged[0].sum(1), charged[1].sum(1)])  # [5, S]
+        self.exit_sums[v].update(sums.flatten())
+        self.exit_hist[v].update(torch.bincount(idx[grid.chosen], minlength=len(t)))
 
     def compute(self) -> dict[str, float]:
         """Every figure as a float (identical on every rank)."""
@@ -159,4 +199,28 @@ class ConversionMetrics(nn.Module):
             out[f"energy/{v}/ratio"] = float(energy[-1])
             out[f"energy/{v}/snn_macs"] = float(macs.sum()) / max(images, 1)
             out[f"energy/{v}/snn_acs"] = float(acs.sum()) / max(images, 1)
+            if v in self.exits:
+                out.update(self._exit_figures(v, images, max(ann_macs_total, 1e-30)))
+        return out
+
+    def _exit_figures(self, v: str, images: float, ann_macs_total: float) -> dict[str, float]:
+        grid = self.exits[v]
+        correct, agree, steps, macs, acs = self.exit_sums[v].compute().view(5, -1)
+        n = max(images, 1)
+        energy = energy_ratio(macs, acs, ann_macs_total)
+        curve = {"top1": correct / n, "agreement": agree / n, "mean_steps": steps / n, "energy_ratio": energy}
+        out: dict[str, float] = {}
+        c = grid.chosen
+        for f, values in curve.items():
+            out[f"exit/{v}/{f}"] = float(values[c])
+        hist = self.exit_hist[v].compute() / n
+        for t, share in zip(self.readout_steps[v], hist.tolist(), strict=True):
+            out[f"exit/{v}/steps_t{t}"] = share
+        for rule in EXIT_RULES:
+            if grid.settings(rule):
+                out[f"exit/{v}/{rule}/first_step"] = float(self.readout_steps[v][grid.min_rows[grid.settings(rule)[0]]])
+            for i, s in enumerate(grid.settings(rule)):
+                out[f"exit/{v}/{rule}/threshold_s{i}"] = float(grid.thresholds[s])
+                for f, values in curve.items():
+                    out[f"exit/{v}/{rule}/{f}_s{i}"] = float(values[s])
         return out

@@ -17,9 +17,10 @@ from torch import Tensor
 
 from csdlab.eval.plots import format_table, plot_bars, plot_curves, write_json
 from csdlab.eval.checks import spike_driven_check
+from csdlab.eval.exit import EXIT_RULES
 
-__all__ = ["summary_table", "steps_table", "write_report", "plot_report", "log_images", "run_folder",
-           "ConversionReport"]
+__all__ = ["summary_table", "steps_table", "exit_table", "exit_curve_table", "plot_exit", "write_report",
+           "plot_report", "log_images", "run_folder", "ConversionReport"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,69 @@ def steps_table(results: Mapping[str, Any]) -> str | None:
     return format_table(rows, header)
 
 
+def _exit_curve(f: Mapping[str, float], v: str, rule: str, field: str) -> list[float]:
+    out, i = [], 0
+    while f"exit/{v}/{rule}/{field}_s{i}" in f:
+        out.append(f[f"exit/{v}/{rule}/{field}_s{i}"])
+        i += 1
+    return out
+
+
+def exit_table(results: Mapping[str, Any]) -> str | None:
+    """Per variant with early exit: the calibrated setting and what it gives on the scored images,
+    next to the fixed-T readout of the same mean cost; None without early exit."""
+    f, exits = results["figures"], results.get("early_exit") or {}
+    if not exits:
+        return None
+    rows = []
+    for v, g in exits.items():
+        cal = g["calibration"]
+        c = g["chosen"]
+        rows.append([v, g["chosen_rule"], f"{g['chosen_threshold']:.4g}", f"{cal['mean_steps'][c]:.2f}",
+                     _pct(cal["top1"][c]), _pct(cal["ref_top1"][0]), f"{f[f'exit/{v}/mean_steps']:.2f}",
+                     _pct(f[f"exit/{v}/top1"]), _pct(f[f"exit/{v}/agreement"]), f"{f[f'exit/{v}/energy_ratio']:.3f}"])
+    return format_table(rows, ["variant", "rule", "threshold", "calib. mean steps", "calib. top-1 (%)",
+                               "calib. reference (%)", "mean steps", "top-1 (%)", "agreement (%)", "energy vs ANN"])
+
+
+def exit_curve_table(results: Mapping[str, Any], v: str) -> str:
+    """The exit curve of variant ``v``: every setting of every rule (scored images)."""
+    f = results["figures"]
+    rows = []
+    for rule in EXIT_RULES:
+        for th, steps, top1, agree, energy in zip(*(_exit_curve(f, v, rule, k) for k in (
+                "threshold", "mean_steps", "top1", "agreement", "energy_ratio"))):
+            rows.append([rule, f"{th:.4g}", f"{steps:.2f}", _pct(top1), _pct(agree), f"{energy:.3f}"])
+    return format_table(rows, ["rule", "threshold", "mean steps", "top-1 (%)", "agreement (%)", "energy vs ANN"])
+
+
+def plot_exit(results: Mapping[str, Any], out_dir: str | Path, reference_name: str = "ANN") -> list[Path]:
+    """Per variant with early exit: accuracy against mean steps and against energy, one curve per
+    rule and the fixed-T readout for comparison, and the distribution of exit steps at the
+    calibrated setting."""
+    out, f = Path(out_dir), results["figures"]
+    ref = {reference_name: _pct(f["ref/top1"])}
+    method = results.get("method", "snn")
+    paths: list[Path] = []
+    for v in results.get("early_exit") or {}:
+        steps = results["variants"][v]["readout_steps"]
+        fixed_acc = [_pct(f[f"snn/{v}/top1_t{t}"]) for t in steps]
+        acc = {rule: _exit_curve(f, v, rule, "top1") for rule in EXIT_RULES}
+        by_steps = {f"exit: {r}": (_exit_curve(f, v, r, "mean_steps"), [_pct(a) for a in acc[r]]) for r in EXIT_RULES}
+        by_energy = {f"exit: {r}": (_exit_curve(f, v, r, "energy_ratio"), [_pct(a) for a in acc[r]])
+                     for r in EXIT_RULES}
+        by_steps["fixed T"] = (steps, fixed_acc)
+        by_energy["fixed T"] = ([f[f"energy/{v}/ratio_t{t}"] for t in steps], fixed_acc)
+        paths.append(plot_curves(by_steps, out / f"exit_accuracy_vs_steps_{v}.png", xlabel="mean steps per image",
+                                 ylabel="top-1 (%)", title=f"{method} {v}: early exit vs fixed T", hlines=ref))
+        paths.append(plot_curves(by_energy, out / f"exit_accuracy_vs_energy_{v}.png", xlabel="E_SNN / E_ANN",
+                                 ylabel="top-1 (%)", title=f"{method} {v}: early exit, energy spent", hlines=ref))
+        paths.append(plot_bars({str(t): f[f"exit/{v}/steps_t{t}"] for t in steps}, out / f"exit_steps_{v}.png",
+                               ylabel="share of images",
+                               title=f"{method} {v}: exit step (mean {f[f'exit/{v}/mean_steps']:.2f})"))
+    return paths
+
+
 def plot_report(results: Mapping[str, Any], out_dir: str | Path, reference_name: str = "ANN") -> list[Path]:
     """Accuracy and energy vs step t (one curve per variant), accuracy vs latency across variants,
     firing rate per site of the last variant. Returns the image paths."""
@@ -104,6 +168,12 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, reference_name
     if per_t is not None:
         tables["per_step"] = per_t
     plots = plot_report(results, out, reference_name)
+    exits = exit_table(results)
+    if exits is not None:
+        tables["early_exit"] = exits
+        for v in results["early_exit"]:
+            tables[f"early_exit_curve_{v}"] = exit_curve_table(results, v)
+        plots += plot_exit(results, out, reference_name)
     json_path = write_json({**dict(extra or {}), **results, "tables": tables, "plots": plots}, out / "figures.json")
     return {"tables": tables, "plots": plots, "json": json_path}
 

@@ -119,7 +119,8 @@ def test_two_processes_give_the_figures_of_one(method: str, digits_qann: Path, d
         args = _args(digits_qann, tmp_path, "--model.converter.delays", "[0, 3]", "--data.limit", "100")
     elif method == "ecmt":
         args = _args(digits_vit, tmp_path, "--model.converter.T", "3", "--data.limit", "100",
-                     "--data.calib_batches", "2", converter="csdlab.convert.ecmt.ECMTConverter")
+                     "--data.calib_batches", "2", "--model.early_exit", "auto", "--data.exit_images", "150",
+                     converter="csdlab.convert.ecmt.ECMTConverter")  # early exit: N processes choose as one
     else:
         args = _args(digits_vit, tmp_path, "--model.converter.Ts", "[8]", "--data.limit", "100",
                      "--data.calib_batches", "2", converter="csdlab.convert.mbe.MBEConverter")
@@ -129,7 +130,10 @@ def test_two_processes_give_the_figures_of_one(method: str, digits_qann: Path, d
     assert f1["samples"] == f2["samples"] == 100  # no padded or repeated images
     assert f1.keys() == f2.keys()
     for k in f1:
-        assert f2[k] == pytest.approx(f1[k], rel=1e-5, abs=1e-6), k
+        # early exit charges each image its batch's mean ops per step (docs/early_exit.md): N
+        # processes batch the images differently, which moves that estimate (measured: 2e-4 relative)
+        rel = 1e-3 if k.startswith("exit/") and "energy_ratio" in k else 1e-5
+        assert f2[k] == pytest.approx(f1[k], rel=rel, abs=1e-6), k
 
 
 # -- the command line itself ----------------------------------------------------------------------
