@@ -31,7 +31,7 @@ from csdlab.snn.ecmt import ECFunction, ECMatMul
 from csdlab.snn.neurons import MTNeuron, check_initial_membrane
 
 __all__ = ["ECMTConverter", "convert_vit", "site_overrides", "thresholds_from_percentiles", "set_thresholds",
-           "threshold_errors", "set_neuron_rule", "SEARCH_SCALES"]
+           "threshold_errors", "best_scales", "set_neuron_rule", "SEARCH_SCALES"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,15 @@ def threshold_errors(x: Tensor, th1: float, th2: float, scales: Sequence[float],
     t = torch.arange(1, steps + 1, dtype=flat.dtype, device=flat.device).view(-1, 1, 1)
     mean = out.cumsum_(0).div_(t).mul_(scale)  # running mean of the outputs at thresholds s th
     return mean.sub_(flat).square_().sum(dim=(0, 2), dtype=torch.float64)
+
+
+def best_scales(errors: Tensor, scales: Sequence[float]) -> list[float]:
+    """Per row of ``errors`` (``[sites, len(scales)]``), the scale of the least error; a tie goes to
+    the larger scale (the larger threshold: fewer spikes for the same error)."""
+    if errors.dim() != 2 or errors.shape[1] != len(scales):
+        raise ValueError(f"errors must be [sites, {len(scales)}] (one column per scale), got {tuple(errors.shape)}")
+    order = sorted(range(len(scales)), key=lambda k: -scales[k])  # largest first: argmin returns the first minimum
+    return [scales[order[k]] for k in errors[:, order].argmin(1).tolist()]
 
 
 def set_neuron_rule(snn: nn.Module, nearest_level: bool = False, initial_membrane: float = 0.0) -> int:
@@ -282,12 +291,7 @@ class ECMTConverter(Converter):
         count, _ = observe_sites(run, [sites[name] for name in observed], stat, sums, batches, device)
         total, n_batches = all_reduce_with_count(sums, count, all_reduce, device, "ECMT")
         means = (total[:, :2] / n_batches).tolist()
-        chosen = [1.0] * len(observed)
-        if scales:
-            # the least error; a tie goes to the larger threshold (fewer spikes): argmin of the
-            # reversed candidates returns the first, i.e. the largest, of equal minima
-            last = len(scales) - 1
-            chosen = [scales[last - k] for k in total[:, 2:].flip(1).argmin(1).tolist()]
+        chosen = best_scales(total[:, 2:], scales) if scales else [1.0] * len(observed)
         thresholds = {}
         for name, hl, scale in zip(observed, means, chosen):
             th1, th2 = thresholds_from_percentiles(*hl)
