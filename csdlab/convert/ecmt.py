@@ -113,7 +113,7 @@ def thresholds_from_percentiles(hi: float, lo: float) -> tuple[float, float]:
 #: §2.5): 2^(j/2), j = -16..2, i.e. 1/256 .. 2 in half-octaves
 SEARCH_SCALES: tuple[float, ...] = tuple(2.0 ** (j / 2) for j in range(-16, 3))
 #: activations of a site scored per calibration batch (a fixed-seed sample of the batch tensor)
-SEARCH_SAMPLES = 1 << 16
+SEARCH_SAMPLES = 1 << 14
 
 
 def threshold_errors(x: Tensor, th1: float, th2: float, scales: Sequence[float], steps: int, levels: int = 8,
@@ -199,12 +199,14 @@ class ECMTConverter(Converter):
             :data:`SEARCH_SCALES` whose MT neuron output is closest to the site's ANN activations
             (:func:`threshold_errors`: squared error of the running mean, summed over the
             calibration batches and ``t = 1..search_steps``; docs/methods.md §2.5). Sites with a
-            fixed threshold (``softmax_threshold``, ``gelu_thresholds``) keep it.
+            fixed threshold (``softmax_threshold``, ``gelu_thresholds``) keep it. On by default
+            (with ``nearest_level``: the most accurate at every t of the ablation, docs/methods.md
+            §2.5, at about 2.3x the paper's energy per step); False: the paper's percentiles.
         search_steps: the steps the search scores (None: T).
         nearest_level: MT neurons fire the level nearest to their membrane
-            (:class:`~csdlab.snn.neurons.MTNeuron`; False: the paper's Eq. 25).
+            (:class:`~csdlab.snn.neurons.MTNeuron`; on by default; False: the paper's Eq. 25).
         initial_membrane: MT membranes start at this fraction of ``th1``, in ``[0, 1)`` (0: the
-            paper's start; 0.5: half a threshold).
+            paper's start, the default; 0.5: half a threshold, which hurts here: §2.5).
     """
 
     name = "ecmt"
@@ -212,8 +214,8 @@ class ECMTConverter(Converter):
 
     def __init__(self, T: int = 8, levels: int = 8, percentile: float = 99.0,
                  softmax_threshold: float | None = 0.0125, gelu_thresholds: tuple[float, float] | None = None,
-                 multi_step: bool = True, images_per_pass: int | None = None, threshold_search: bool = False,
-                 search_steps: int | None = None, nearest_level: bool = False,
+                 multi_step: bool = True, images_per_pass: int | None = None, threshold_search: bool = True,
+                 search_steps: int | None = None, nearest_level: bool = True,
                  initial_membrane: float = 0.0) -> None:
         if not isinstance(T, int) or isinstance(T, bool) or T < 1:
             raise ValueError(f"T must be an integer >= 1, got {T!r}")

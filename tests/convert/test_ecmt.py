@@ -186,7 +186,8 @@ def test_calibration_equals_reference_percentiles_and_two_processes_equal_one() 
     ann = _tiny_vit(depth=2).double()  # float64: the SNN layout's operation order changes nothing
     # one batch larger than a default simulation pass (160 images at T = 1): still one percentile
     batches = [_images(n, seed=s, dtype=torch.float64) for s, n in enumerate((8, 170, 8, 8))]
-    conv = ECMTConverter(percentile=97.0)
+    paper = {"percentile": 97.0, "threshold_search": False}  # the percentiles themselves
+    conv = ECMTConverter(**paper)
     summary = conv.calibrate(ann, batches, lambda t: t)
     assert summary["batches"] == 4 and set(summary["thresholds"]) == set(conv.thresholds)
     ref = _reference_percentiles(ann, batches, 97.0)
@@ -198,9 +199,9 @@ def test_calibration_equals_reference_percentiles_and_two_processes_equal_one() 
             assert th == pytest.approx(ref[name], rel=1e-9, abs=1e-12), name
     # two processes, two batches each: per-process sums, then all_reduce adds the other's share
     shared = []
-    rank1 = ECMTConverter(percentile=97.0)
+    rank1 = ECMTConverter(**paper)
     rank1.calibrate(ann, batches[2:], lambda t: shared.append(t.clone()) or t)
-    rank0 = ECMTConverter(percentile=97.0)
+    rank0 = ECMTConverter(**paper)
     rank0.calibrate(ann, batches[:2], lambda t: t + shared[0])
     for name, th in conv.thresholds.items():
         assert rank0.thresholds[name] == pytest.approx(th, rel=1e-12), name
@@ -365,7 +366,7 @@ def test_search_ties_go_to_the_larger_threshold() -> None:
 def test_threshold_search_scales_percentile_thresholds_by_the_least_error_and_processes_add_up() -> None:
     ann = _tiny_vit(depth=1).double()
     batches = [_images(8, seed=s, dtype=torch.float64) for s in range(4)]
-    plain = ECMTConverter(T=4)
+    plain = ECMTConverter(T=4, threshold_search=False)
     plain.calibrate(ann, batches, lambda t: t)
     conv = ECMTConverter(T=4, threshold_search=True, nearest_level=True)
     summary = conv.calibrate(ann, batches, lambda t: t)
@@ -407,22 +408,23 @@ def test_neuron_options_reach_every_site_and_change_t1() -> None:
     ann = _tiny_vit(depth=1).double()
     x = _images(3, dtype=torch.float64)
     outs = {}
-    for opts in ({}, {"nearest_level": True}, {"initial_membrane": 0.5}):
+    for opts in ({"nearest_level": False}, {"nearest_level": True}, {"nearest_level": False, "initial_membrane": 0.5}):
         conv = _calibrated(ann, T=2, **opts)
         snn = conv.convert(ann)["T2"]
         neurons = mt_sites(snn.net).values()
-        assert all(n.nearest_level == opts.get("nearest_level", False) for n in neurons)
+        assert all(n.nearest_level == opts["nearest_level"] for n in neurons)
         assert all(n.initial_membrane == opts.get("initial_membrane", 0.0) for n in neurons)
-        outs[tuple(opts)] = snn(x)
-    assert not torch.equal(outs[()][0], outs[("nearest_level",)][0])
-    assert not torch.equal(outs[()][0], outs[("initial_membrane",)][0])
+        outs[(opts["nearest_level"], opts.get("initial_membrane", 0.0))] = snn(x)
+    paper = outs[(False, 0.0)]  # t = 1 (row 0) differs from the paper's neuron under each option
+    assert not torch.equal(paper[0], outs[(True, 0.0)][0])
+    assert not torch.equal(paper[0], outs[(False, 0.5)][0])
 
 
 def test_converter_rejects_bad_low_latency_options() -> None:
     for kwargs, match in [({"initial_membrane": 1.0}, r"initial_membrane is a fraction of the threshold th1 in \[0, 1\)"),
                           ({"initial_membrane": -0.5}, "initial_membrane"),
                           ({"threshold_search": True, "search_steps": 0}, "search_steps must be an integer >= 1"),
-                          ({"search_steps": 4}, "threshold_search is off: set threshold_search: true"),
+                          ({"search_steps": 4, "threshold_search": False}, "threshold_search is off: set threshold_search: true"),
                           ({"threshold_search": "yes"}, "threshold_search must be true or false"),
                           ({"nearest_level": 1}, "nearest_level must be true or false")]:
         with pytest.raises(ValueError, match=match):
