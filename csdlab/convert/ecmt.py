@@ -200,8 +200,9 @@ class ECMTConverter(Converter):
             (:func:`threshold_errors`: squared error of the running mean, summed over the
             calibration batches and ``t = 1..search_steps``; docs/methods.md §2.5). Sites with a
             fixed threshold (``softmax_threshold``, ``gelu_thresholds``) keep it. On by default
-            (with ``nearest_level``: the most accurate at every t of the ablation, docs/methods.md
-            §2.5, at about 2.3x the paper's energy per step); False: the paper's percentiles.
+            (with ``nearest_level``: the most accurate at t = 1-4 of the ablation on both ViT
+            checkpoints, docs/methods.md §2.5, at about 2.3-2.5x the paper's energy per step);
+            False: the paper's percentiles.
         search_steps: the steps the search scores (None: T).
         nearest_level: MT neurons fire the level nearest to their membrane
             (:class:`~csdlab.snn.neurons.MTNeuron`; on by default; False: the paper's Eq. 25).
