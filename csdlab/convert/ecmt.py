@@ -14,7 +14,7 @@ layers; every LayerNorm after the patch embedding (``norm1``, ``norm2``, final `
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,9 +28,10 @@ from csdlab.convert.percentile import percentile_pair
 from csdlab.convert.vit import all_reduce_with_count, observe_sites, rewrite_vit, skeleton
 from csdlab.eval.api import AllReduce, Converter, SpikingModel
 from csdlab.snn.ecmt import ECFunction, ECMatMul
-from csdlab.snn.neurons import MTNeuron
+from csdlab.snn.neurons import MTNeuron, check_initial_membrane
 
-__all__ = ["ECMTConverter", "convert_vit", "site_overrides", "thresholds_from_percentiles", "set_thresholds"]
+__all__ = ["ECMTConverter", "convert_vit", "site_overrides", "thresholds_from_percentiles", "set_thresholds",
+           "threshold_errors", "best_scales", "set_neuron_rule", "SEARCH_SCALES"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,67 @@ def thresholds_from_percentiles(hi: float, lo: float) -> tuple[float, float]:
     return (th1 if th1 > 0 else th2), (th2 if th2 > 0 else th1)
 
 
+#: candidate scales of a site's percentile thresholds for the threshold search (docs/methods.md
+#: §2.5): 2^(j/2), j = -16..2, i.e. 1/256 .. 2 in half-octaves
+SEARCH_SCALES: tuple[float, ...] = tuple(2.0 ** (j / 2) for j in range(-16, 3))
+#: activations of a site scored per calibration batch (a fixed-seed sample of the batch tensor)
+SEARCH_SAMPLES = 1 << 14
+
+
+def threshold_errors(x: Tensor, th1: float, th2: float, scales: Sequence[float], steps: int, levels: int = 8,
+                     nearest_level: bool = False, initial_membrane: float = 0.0,
+                     samples: int | None = SEARCH_SAMPLES) -> Tensor:
+    """Squared error of an MT neuron's running-mean output against its input, per candidate scale.
+
+    Each element of ``x`` (an ANN activation at the site) is held as a constant input current for
+    ``steps`` steps through an :class:`~csdlab.snn.neurons.MTNeuron` with thresholds
+    ``(s th1, s th2)``; the error of the running mean of its outputs after step ``t`` is summed over
+    the elements and over ``t = 1..steps``. All scales run in one neuron call: the MT dynamics are
+    scale-equivariant (``MT_{s th}(x) = s MT_{th}(x / s)``, the initial membrane included).
+
+    Args:
+        x: the site's activations (any shape; a fixed-seed sample of ``samples`` of them is scored
+            when there are more; None: all).
+        th1, th2: base thresholds (> 0) the scales multiply.
+        scales: candidate scales (> 0).
+        steps: time steps scored (the readout is read at every one of them).
+        levels, nearest_level, initial_membrane: the neuron's settings (those it will run with).
+
+    Returns:
+        float64 ``[len(scales)]``: the summed squared errors (sums over batches and processes add up).
+    """
+    flat = x.detach().flatten()
+    if samples is not None and flat.numel() > samples:
+        g = torch.Generator(device=flat.device).manual_seed(0)
+        flat = flat[torch.randint(flat.numel(), (samples,), generator=g, device=flat.device)]
+    scale = torch.tensor(list(scales), dtype=flat.dtype, device=flat.device).unsqueeze(1)  # [K, 1]
+    neuron = MTNeuron(th1, th2, levels, nearest_level=nearest_level, initial_membrane=initial_membrane)
+    neuron.to(flat.device).step_mode = "m"
+    current = (flat / scale).expand(steps, -1, -1).contiguous()  # [steps, K, n], constant over time
+    out = neuron(current)
+    t = torch.arange(1, steps + 1, dtype=flat.dtype, device=flat.device).view(-1, 1, 1)
+    mean = out.cumsum_(0).div_(t).mul_(scale)  # running mean of the outputs at thresholds s th
+    return mean.sub_(flat).square_().sum(dim=(0, 2), dtype=torch.float64)
+
+
+def best_scales(errors: Tensor, scales: Sequence[float]) -> list[float]:
+    """Per row of ``errors`` (``[sites, len(scales)]``), the scale of the least error; a tie goes to
+    the larger scale (the larger threshold: fewer spikes for the same error)."""
+    if errors.dim() != 2 or errors.shape[1] != len(scales):
+        raise ValueError(f"errors must be [sites, {len(scales)}] (one column per scale), got {tuple(errors.shape)}")
+    order = sorted(range(len(scales)), key=lambda k: -scales[k])  # largest first: argmin returns the first minimum
+    return [scales[order[k]] for k in errors[:, order].argmin(1).tolist()]
+
+
+def set_neuron_rule(snn: nn.Module, nearest_level: bool = False, initial_membrane: float = 0.0) -> int:
+    """Set the firing rule and initial membrane of every MT neuron of ``snn``; returns the count."""
+    check_initial_membrane(initial_membrane)
+    sites = mt_sites(snn)
+    for neuron in sites.values():
+        neuron.nearest_level, neuron.initial_membrane = bool(nearest_level), float(initial_membrane)
+    return len(sites)
+
+
 def set_thresholds(snn: nn.Module, thresholds: dict[str, tuple[float, float]]) -> int:
     """Set ``(th1, th2)`` per site name; every site must be given. Returns the count set."""
     sites = mt_sites(snn)
@@ -133,6 +195,19 @@ class ECMTConverter(Converter):
         multi_step: simulate layer by layer on ``[T*B, ...]`` (False: one forward per step).
         images_per_pass: simulate at most this many images at once (memory ~ images x T; None:
             ``ceil(160 / T)``, see :class:`~csdlab.convert.ecmt_vit.SpikingViT`).
+        threshold_search: per site, scale the percentile thresholds by the candidate of
+            :data:`SEARCH_SCALES` whose MT neuron output is closest to the site's ANN activations
+            (:func:`threshold_errors`: squared error of the running mean, summed over the
+            calibration batches and ``t = 1..search_steps``; docs/methods.md §2.5). Sites with a
+            fixed threshold (``softmax_threshold``, ``gelu_thresholds``) keep it. On by default
+            (with ``nearest_level``: the most accurate at t = 1-4 of the ablation on both ViT
+            checkpoints, docs/methods.md §2.5, at about 2.3-2.5x the paper's energy per step);
+            False: the paper's percentiles.
+        search_steps: the steps the search scores (None: T).
+        nearest_level: MT neurons fire the level nearest to their membrane
+            (:class:`~csdlab.snn.neurons.MTNeuron`; on by default; False: the paper's Eq. 25).
+        initial_membrane: MT membranes start at this fraction of ``th1``, in ``[0, 1)`` (0: the
+            paper's start, the default; 0.5: half a threshold, which hurts here: §2.5).
     """
 
     name = "ecmt"
@@ -140,7 +215,9 @@ class ECMTConverter(Converter):
 
     def __init__(self, T: int = 8, levels: int = 8, percentile: float = 99.0,
                  softmax_threshold: float | None = 0.0125, gelu_thresholds: tuple[float, float] | None = None,
-                 multi_step: bool = True, images_per_pass: int | None = None) -> None:
+                 multi_step: bool = True, images_per_pass: int | None = None, threshold_search: bool = True,
+                 search_steps: int | None = None, nearest_level: bool = True,
+                 initial_membrane: float = 0.0) -> None:
         if not isinstance(T, int) or isinstance(T, bool) or T < 1:
             raise ValueError(f"T must be an integer >= 1, got {T!r}")
         if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
@@ -154,9 +231,20 @@ class ECMTConverter(Converter):
                              f"got {gelu_thresholds!r}")
         if images_per_pass is not None and images_per_pass < 1:
             raise ValueError(f"images_per_pass must be >= 1 or None (ceil(160 / T)), got {images_per_pass!r}")
+        for flag, value in (("threshold_search", threshold_search), ("nearest_level", nearest_level)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be true or false, got {value!r}")
+        if search_steps is not None and (not isinstance(search_steps, int) or isinstance(search_steps, bool)
+                                         or search_steps < 1):
+            raise ValueError(f"search_steps must be an integer >= 1 or None (T), got {search_steps!r}")
+        if search_steps is not None and not threshold_search:
+            raise ValueError("search_steps is set but threshold_search is off: set threshold_search: true "
+                             "(or drop search_steps)")
         self.T, self.levels, self.percentile = T, levels, float(percentile)
         self.softmax_threshold, self.gelu_thresholds = softmax_threshold, gelu_thresholds
         self.multi_step, self.images_per_pass = multi_step, images_per_pass
+        self.threshold_search, self.search_steps = bool(threshold_search), search_steps
+        self.nearest_level, self.initial_membrane = bool(nearest_level), check_initial_membrane(initial_membrane)
         self.thresholds: dict[str, tuple[float, float]] = {}
 
     def check(self, model: nn.Module) -> None:
@@ -171,15 +259,31 @@ class ECMTConverter(Converter):
         T = 1: each EC is then exactly its function, so this is the ANN with the SNN's operation
         order and the thresholds are those of the activations its first step sees); per site the
         p-th and (100-p)-th percentiles of the whole batch tensor are added to a running sum (two
-        numbers per site), summed over processes and averaged over all batches.
+        numbers per site), summed over processes and averaged over all batches. With
+        ``threshold_search`` each batch also adds, per candidate scale, the summed output error of
+        :func:`threshold_errors` at that scale of the batch's own percentile thresholds; the scale
+        with the least total error multiplies the averaged thresholds.
         """
         float_net = SpikingViT(convert_vit(model, self.levels, spiking=False), time_steps=1)
         sites = site_modules(float_net.net)
         overrides = site_overrides(sites, self.softmax_threshold, self.gelu_thresholds)
         observed = [name for name in sites if name not in overrides]
         device = next(model.parameters()).device
-        sums = torch.zeros(len(observed), 2, dtype=torch.float64, device=device)  # (hi, lo) per site
-        p = self.percentile
+        scales = SEARCH_SCALES if self.threshold_search else ()
+        # per site: (hi, lo) percentiles, then the search's summed error of each candidate scale
+        sums = torch.zeros(len(observed), 2 + len(scales), dtype=torch.float64, device=device)
+        p, steps = self.percentile, self.search_steps or self.T
+
+        def stat(x: Tensor) -> Tensor:
+            hl = percentile_pair(x, p)
+            if not scales:
+                return hl
+            # candidates around this batch's own percentile thresholds (one pass: the mean over
+            # batches is not known yet); every term is a per-batch sum, so processes add up exactly
+            th1, th2 = thresholds_from_percentiles(*hl.tolist())
+            errors = threshold_errors(x, th1, th2, scales, steps, self.levels, self.nearest_level,
+                                      self.initial_membrane)
+            return torch.cat([hl.to(errors), errors])
 
         def run(x: Tensor) -> None:
             # one pass over the whole batch: the percentiles are those of the batch (passes of
@@ -187,21 +291,29 @@ class ECMTConverter(Converter):
             float_net.images_per_pass = max(len(x), 1)
             float_net(x)
 
-        count, _ = observe_sites(run, [sites[name] for name in observed], lambda x: percentile_pair(x, p), sums,
-                                 batches, device)
+        count, _ = observe_sites(run, [sites[name] for name in observed], stat, sums, batches, device)
         total, n_batches = all_reduce_with_count(sums, count, all_reduce, device, "ECMT")
-        means = (total / n_batches).tolist()
-        thresholds = {name: thresholds_from_percentiles(*hl) for name, hl in zip(observed, means)}
+        means = (total[:, :2] / n_batches).tolist()
+        chosen = best_scales(total[:, 2:], scales) if scales else [1.0] * len(observed)
+        thresholds = {}
+        for name, hl, scale in zip(observed, means, chosen):
+            th1, th2 = thresholds_from_percentiles(*hl)
+            thresholds[name] = (th1 * scale, th2 * scale)
         thresholds.update(overrides)
         self.thresholds = {name: thresholds[name] for name in sites}  # module order
-        log.info("ECMT: calibrated %d MT sites on %d batches (p=%g, %d fixed)", len(sites), int(n_batches), p,
-                 len(overrides))
-        return {"thresholds": {name: list(th) for name, th in self.thresholds.items()}, "batches": int(n_batches)}
+        log.info("ECMT: calibrated %d MT sites on %d batches (p=%g, %d fixed%s)", len(sites), int(n_batches), p,
+                 len(overrides), f", thresholds searched over {steps} steps" if scales else "")
+        summary: dict[str, Any] = {"thresholds": {name: list(th) for name, th in self.thresholds.items()},
+                                   "batches": int(n_batches)}
+        if scales:
+            summary["search_scales"] = dict(zip(observed, chosen))
+        return summary
 
     def convert(self, model: nn.Module) -> dict[str, SpikingModel]:
         if not self.thresholds:
             raise ValueError("ECMT thresholds are not set: run calibrate() first (or assign converter.thresholds)")
         net = convert_vit(model, self.levels)
         set_thresholds(net, self.thresholds)
+        set_neuron_rule(net, self.nearest_level, self.initial_membrane)
         snn = SpikingViT(net, self.T, multi_step=self.multi_step, images_per_pass=self.images_per_pass)
         return {f"T{self.T}": snn}

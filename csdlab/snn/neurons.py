@@ -17,7 +17,7 @@ from csdlab.quant.lsq import ActQuantizer
 from csdlab.snn.counting import bincount_below, count_spikes, nonzero_per_row, record_nonzero_rows
 from csdlab.snn.timeflat import TimeFlatModule
 
-__all__ = ["DelayedIFNode", "MTNeuron"]
+__all__ = ["DelayedIFNode", "MTNeuron", "check_initial_membrane"]
 
 # integer view and sign+exponent mask per float dtype (clearing the mantissa gives 2^floor(log2 u))
 _EXPONENT_MASKS = {torch.float32: (torch.int32, -(1 << 23)), torch.float64: (torch.int64, -(1 << 52)),
@@ -149,6 +149,14 @@ class DelayedIFNode(base.MemoryModule):
         return f"v_threshold={float(self.v_threshold):.4g}, delay={self.delay}"
 
 
+def check_initial_membrane(value: float) -> float:
+    """``value`` as a float if it is a valid MT initial membrane (a fraction of ``th1`` in ``[0, 1)``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"initial_membrane is a fraction of the threshold th1 in [0, 1) (0: the paper's start, "
+                         f"0.5: half a threshold), got {value!r}")
+    return float(value)
+
+
 class MTNeuron(TimeFlatModule):
     """Multi-threshold neuron of ECMT (docs/methods.md §2.1; paper Eqs. 21-25); single- or multi-step.
 
@@ -174,14 +182,23 @@ class MTNeuron(TimeFlatModule):
             outputs, :meth:`count_events`).
         inplace: multi-step: write the spikes over a contiguous input current (for an input that
             nothing else reads; saves a ``[T*B, ...]`` tensor), like ``nn.ReLU(inplace=True)``.
+        nearest_level: fire the level nearest to ``m`` (docs/methods.md §2.5): level ``k >= 1`` from
+            ``m >= 0.75 th 2^k`` (midway between ``th 2^(k-1)`` and ``th 2^k``), level 0 from
+            ``m >= th/2`` as before; False: the paper's Eq. 25 (``m >= th 2^k - th/2``), which for
+            ``m >> th`` keeps the level below ``m`` and so under-reports large values at t = 1.
+        initial_membrane: the membrane starts at ``initial_membrane * th1`` instead of 0 (in
+            ``[0, 1)``; 0.5 is the half-threshold start of IF conversion, which the MT firing rule
+            already contains as its ``-th/2`` offset: docs/methods.md §2.5).
     """
 
     def __init__(self, th1: float = 1.0, th2: float = 1.0, levels: int = 8, count_levels: bool = False,
-                 inplace: bool = False) -> None:
+                 inplace: bool = False, nearest_level: bool = False, initial_membrane: float = 0.0) -> None:
         super().__init__()
         if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
             raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
         self.levels = levels
+        self.nearest_level = bool(nearest_level)
+        self.initial_membrane = check_initial_membrane(initial_membrane)
         self.count_levels = count_levels
         self.inplace = inplace
         self.register_buffer("th1", torch.tensor(1.0))
@@ -227,7 +244,13 @@ class MTNeuron(TimeFlatModule):
         (v,) = states
         if v is None and step_mode == "s":
             v = torch.zeros_like(inputs[0])
+            if self.initial_membrane:
+                v.add_(self._initial(v))
         return (v,)  # multi-step starts a fresh membrane itself (no tensor of zeros to fill)
+
+    def _initial(self, like: Tensor) -> Tensor:
+        """The initial membrane ``initial_membrane * th1`` as a 0-d tensor in ``like``'s dtype."""
+        return self.th1.to(like.dtype) * self.initial_membrane
 
     def multi_step_forward(self, *inputs: Tensor, **kwargs: object) -> Tensor:
         out = super().multi_step_forward(*inputs, **kwargs)
@@ -251,11 +274,19 @@ class MTNeuron(TimeFlatModule):
         # is th1 or -th2 (copysign sends -0.0 to the negative side, where it stays silent);
         # torch.where with scalar operands is several times slower on a CPU
         sth = torch.copysign(half_sum, m, out=sth).add_(half_diff)
-        # m >= th 2^k - th/2  <=>  u = m/sth + 1/2 >= 2^k: the level is 2^floor(log2 u), i.e. u with
-        # its mantissa bits cleared (exact, and ~3x cheaper than frexp + ldexp); u < 1: no spike.
-        # In place on fresh tensors: on a CPU, allocating a large temporary costs as much as the
-        # arithmetic
-        u = torch.addcdiv(half, m, sth, out=out).clamp_(max=2.0 ** (self.levels - 1))
+        if self.nearest_level:
+            # w = m/sth; level k >= 1 from w >= 0.75 2^k  <=>  4w/3 >= 2^k; level 0 from w >= 1/2:
+            # u = max(4w/3, min(2w, 1)) is >= 1 exactly when w >= 1/2 and >= 2^k (k >= 1) exactly
+            # when 4w/3 is, so clearing its mantissa bits gives the nearest level (as below)
+            u = torch.div(m, sth, out=out)
+            low = torch.mul(u, 2.0).clamp_(max=1.0)
+            u = torch.maximum(u.mul_(4.0 / 3.0), low, out=u).clamp_(max=2.0 ** (self.levels - 1))
+        else:
+            # m >= th 2^k - th/2  <=>  u = m/sth + 1/2 >= 2^k: the level is 2^floor(log2 u), i.e. u
+            # with its mantissa bits cleared (exact, and ~3x cheaper than frexp + ldexp); u < 1: no
+            # spike. In place on fresh tensors: on a CPU, allocating a large temporary costs as much
+            # as the arithmetic
+            u = torch.addcdiv(half, m, sth, out=out).clamp_(max=2.0 ** (self.levels - 1))
         int_type, mask = _EXPONENT_MASKS[m.dtype]
         u.view(int_type).bitwise_and_(mask)
         level = nn.functional.threshold_(u, 0.75, 0.0)  # levels are powers of two: 1 passes, 0.5 not
@@ -300,6 +331,8 @@ class MTNeuron(TimeFlatModule):
         # a new tensor: a supplied state stays untouched; a fresh membrane is 0 + I(1) (-0.0 becomes
         # +0.0, exactly as single-step's zeros + I(1))
         m = x_seq[0] + 0.0 if v is None else v + x_seq[0]
+        if v is None and self.initial_membrane:
+            m.add_(self._initial(m))  # I(1) + v(0): single-step's v(0) + I(1) (addition commutes exactly)
         sth, constants = torch.empty_like(m), self._constants(m)
         for t in range(x_seq.shape[0]):
             if t:
@@ -310,5 +343,7 @@ class MTNeuron(TimeFlatModule):
         return (out,), (m,)
 
     def extra_repr(self) -> str:
-        return f"th1={float(self.th1):.4g}, th2={float(self.th2):.4g}, levels={self.levels}"
+        extra = (", nearest_level=True" if self.nearest_level else "") + (
+            f", initial_membrane={self.initial_membrane:g}" if self.initial_membrane else "")
+        return f"th1={float(self.th1):.4g}, th2={float(self.th2):.4g}, levels={self.levels}{extra}"
 

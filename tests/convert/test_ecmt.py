@@ -11,7 +11,8 @@ import pytest
 import timm
 import torch
 
-from csdlab.convert.ecmt import ECMTConverter, convert_vit
+from csdlab.convert.ecmt import (SEARCH_SCALES, ECMTConverter, best_scales, convert_vit, threshold_errors,
+                                 thresholds_from_percentiles)
 from csdlab.convert.ecmt_vit import AnalogEmbed, SpikingViT, mt_sites, site_modules
 from csdlab.convert.percentile import percentile, percentile_pair
 from csdlab.eval.api import SpikingModel
@@ -185,7 +186,8 @@ def test_calibration_equals_reference_percentiles_and_two_processes_equal_one() 
     ann = _tiny_vit(depth=2).double()  # float64: the SNN layout's operation order changes nothing
     # one batch larger than a default simulation pass (160 images at T = 1): still one percentile
     batches = [_images(n, seed=s, dtype=torch.float64) for s, n in enumerate((8, 170, 8, 8))]
-    conv = ECMTConverter(percentile=97.0)
+    paper = {"percentile": 97.0, "threshold_search": False}  # the percentiles themselves
+    conv = ECMTConverter(**paper)
     summary = conv.calibrate(ann, batches, lambda t: t)
     assert summary["batches"] == 4 and set(summary["thresholds"]) == set(conv.thresholds)
     ref = _reference_percentiles(ann, batches, 97.0)
@@ -197,9 +199,9 @@ def test_calibration_equals_reference_percentiles_and_two_processes_equal_one() 
             assert th == pytest.approx(ref[name], rel=1e-9, abs=1e-12), name
     # two processes, two batches each: per-process sums, then all_reduce adds the other's share
     shared = []
-    rank1 = ECMTConverter(percentile=97.0)
+    rank1 = ECMTConverter(**paper)
     rank1.calibrate(ann, batches[2:], lambda t: shared.append(t.clone()) or t)
-    rank0 = ECMTConverter(percentile=97.0)
+    rank0 = ECMTConverter(**paper)
     rank0.calibrate(ann, batches[:2], lambda t: t + shared[0])
     for name, th in conv.thresholds.items():
         assert rank0.thresholds[name] == pytest.approx(th, rel=1e-12), name
@@ -323,3 +325,107 @@ def test_spike_driven_check_sees_a_level_outside_the_alphabet() -> None:
     report = spike_driven_check(snn, lambda s: s(x), exempt=snn.analog_layers())
     assert not report.ok and report.violations == ["net.blocks.0.mlp.fc1"]
     assert [s.name for s in report.sources if s.failures] == ["net.blocks.0.mlp.mt_fc1"]
+
+
+# -- low-latency options (docs/methods.md §2.5) ----------------------------------------------------
+
+def test_threshold_errors_by_hand() -> None:
+    # half the activations at 1.0, half at 3.0; base thresholds 1, paper rule, one step: the output is
+    # the level of Eq. 25 (levels s 2^k; the largest with x >= s 2^k - s/2), error (x - level)^2
+    x = torch.tensor([1.0, 3.0, 1.0, 3.0])
+    scales = [0.5, 1.0, 1.5, 2.0, 3.0]
+    # s = 0.5: 1 -> 1, 3 -> 2 (4 needs 3.75); s = 1: 1 -> 1, 3 -> 2; s = 1.5: 1 -> 1.5, 3 -> 3;
+    # s = 2: 1 -> 2, 3 -> 4; s = 3: 1 -> 0 (below 1.5), 3 -> 3
+    per_pair = [1.0, 1.0, 0.25, 2.0, 1.0]
+    errors = threshold_errors(x, 1.0, 1.0, scales, steps=1, levels=4, samples=None)
+    assert errors.dtype == torch.float64
+    torch.testing.assert_close(errors, 2 * torch.tensor(per_pair, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert best_scales(errors.unsqueeze(0), scales) == [1.5]  # the error-minimising threshold
+    # two steps at s = 1.5: x = 1 fires 1.5 then stays silent (membrane -0.5 + 1 = 0.5 < 0.75):
+    # running means 1.5, 0.75 -> errors 0.25 + 0.0625; x = 3 fires 3, 3 -> 0
+    two = threshold_errors(x, 1.0, 1.0, [1.5], steps=2, levels=4, samples=None)
+    assert two.item() == pytest.approx(2 * (0.25 + 0.0625), rel=1e-6)
+    # the nearest-level rule at s = 1: 3 is midway between 2 and 4 (3.1 fires 4, error 0.81)
+    near = threshold_errors(torch.tensor([3.1]), 1.0, 1.0, [1.0], steps=1, levels=4, nearest_level=True,
+                            samples=None)
+    assert near.item() == pytest.approx(0.81, rel=1e-5)
+
+
+def test_search_ties_go_to_the_larger_threshold() -> None:
+    # constant activations c with base threshold c: every scale 2^-k (c = th 2^k exactly) and 1 are
+    # exact; the search keeps 1, the largest exact threshold (2 fires 2c: error c^2)
+    c = 0.3
+    errors = threshold_errors(torch.full((100,), c), c, c, SEARCH_SCALES, steps=4, samples=None)
+    exact = [s for s, e in zip(SEARCH_SCALES, errors.tolist()) if e < 1e-12]
+    assert 0.5 in exact and 1.0 in exact and 2.0 not in exact
+    assert best_scales(errors.unsqueeze(0), SEARCH_SCALES) == [1.0]
+    with pytest.raises(ValueError, match="one column per scale"):
+        best_scales(errors.unsqueeze(0), [1.0, 2.0])
+
+
+def test_threshold_search_scales_percentile_thresholds_by_the_least_error_and_processes_add_up() -> None:
+    ann = _tiny_vit(depth=1).double()
+    batches = [_images(8, seed=s, dtype=torch.float64) for s in range(4)]
+    plain = ECMTConverter(T=4, threshold_search=False)
+    plain.calibrate(ann, batches, lambda t: t)
+    conv = ECMTConverter(T=4, threshold_search=True, nearest_level=True)
+    summary = conv.calibrate(ann, batches, lambda t: t)
+    scales = summary["search_scales"]
+    assert set(scales) == {n for n in conv.thresholds if not n.endswith("mt_attn")}  # the fixed site stays
+    assert conv.thresholds["blocks.0.attn.mt_attn"] == (0.0125, 0.0125)
+    for name, s in scales.items():
+        assert s in SEARCH_SCALES
+        assert conv.thresholds[name] == pytest.approx(tuple(s * v for v in plain.thresholds[name]), rel=1e-12)
+    # the chosen scale is the least summed error of the site's activations, batch by batch
+    acts: dict[str, list[torch.Tensor]] = {}
+    float_net = SpikingViT(convert_vit(ann, spiking=False), time_steps=1)
+    sites = site_modules(float_net.net)
+    name = "blocks.0.mlp.mt_fc1"
+    handle = sites[name].register_forward_hook(lambda m, i, o: acts.setdefault(name, []).append(i[0]))
+    with torch.no_grad():
+        for x in batches:
+            float_net(x)
+    handle.remove()
+    total = sum(threshold_errors(a, *percentile_thresholds(a), SEARCH_SCALES, 4, nearest_level=True)
+                for a in acts[name])
+    assert scales[name] == best_scales(total.unsqueeze(0), SEARCH_SCALES)[0]
+    assert scales[name] < 1  # below the percentile: a finer first step pays for its clipping
+    # two processes, two batches each, give the same thresholds as one
+    shared = []
+    rank1 = ECMTConverter(T=4, threshold_search=True, nearest_level=True)
+    rank1.calibrate(ann, batches[2:], lambda t: shared.append(t.clone()) or t)
+    rank0 = ECMTConverter(T=4, threshold_search=True, nearest_level=True)
+    rank0.calibrate(ann, batches[:2], lambda t: t + shared[0])
+    for site, th in conv.thresholds.items():
+        assert rank0.thresholds[site] == pytest.approx(th, rel=1e-12), site
+
+
+def percentile_thresholds(a: torch.Tensor, p: float = 99.0) -> tuple[float, float]:
+    return thresholds_from_percentiles(*percentile_pair(a, p).tolist())
+
+
+def test_neuron_options_reach_every_site_and_change_t1() -> None:
+    ann = _tiny_vit(depth=1).double()
+    x = _images(3, dtype=torch.float64)
+    outs = {}
+    for opts in ({"nearest_level": False}, {"nearest_level": True}, {"nearest_level": False, "initial_membrane": 0.5}):
+        conv = _calibrated(ann, T=2, **opts)
+        snn = conv.convert(ann)["T2"]
+        neurons = mt_sites(snn.net).values()
+        assert all(n.nearest_level == opts["nearest_level"] for n in neurons)
+        assert all(n.initial_membrane == opts.get("initial_membrane", 0.0) for n in neurons)
+        outs[(opts["nearest_level"], opts.get("initial_membrane", 0.0))] = snn(x)
+    paper = outs[(False, 0.0)]  # t = 1 (row 0) differs from the paper's neuron under each option
+    assert not torch.equal(paper[0], outs[(True, 0.0)][0])
+    assert not torch.equal(paper[0], outs[(False, 0.5)][0])
+
+
+def test_converter_rejects_bad_low_latency_options() -> None:
+    for kwargs, match in [({"initial_membrane": 1.0}, r"initial_membrane is a fraction of the threshold th1 in \[0, 1\)"),
+                          ({"initial_membrane": -0.5}, "initial_membrane"),
+                          ({"threshold_search": True, "search_steps": 0}, "search_steps must be an integer >= 1"),
+                          ({"search_steps": 4, "threshold_search": False}, "threshold_search is off: set threshold_search: true"),
+                          ({"threshold_search": "yes"}, "threshold_search must be true or false"),
+                          ({"nearest_level": 1}, "nearest_level must be true or false")]:
+        with pytest.raises(ValueError, match=match):
+            ECMTConverter(**kwargs)

@@ -120,3 +120,75 @@ def test_mt_inplace_and_count_events() -> None:
     assert torch.equal(y, expected) and y.data_ptr() == current.data_ptr()  # spikes over the input
     events, steps = n.count_events((current,), y)
     assert events.item() == (expected != 0).sum().item() > 0 and steps == x.numel()
+
+
+# the first step of th1 = 1, th2 = 0.5, n = 4, by hand. Paper (Eq. 25): the largest level with
+# m >= th 2^k - th/2; nearest level: level k >= 1 from m >= 0.75 th 2^k, level 0 from m >= th/2
+_FIRST_STEP = [  # current, paper, nearest
+    (0.4, 0.0, 0.0), (0.6, 1.0, 1.0), (1.4, 1.0, 1.0), (1.6, 2.0, 2.0),
+    (2.9, 2.0, 2.0),    # below 3 = midway between 2 and 4: both keep 2
+    (3.1, 2.0, 4.0),    # paper keeps 2 until 3.5 (error 1.1); nearest fires 4 (error 0.9)
+    (5.9, 4.0, 4.0), (6.1, 4.0, 8.0), (100.0, 8.0, 8.0),
+    (-0.2, 0.0, 0.0), (-0.3, -0.5, -0.5),
+    (-1.6, -1.0, -2.0),  # |m| = 3.2 th2: paper's band for 2 th2 ends at 3.5 th2, nearest's at 3 th2
+]
+
+
+@pytest.mark.parametrize("multi_step", [False, True])
+def test_mt_nearest_level_first_step_by_hand(multi_step: bool) -> None:
+    current = torch.tensor([c for c, _, _ in _FIRST_STEP])
+    for nearest, column in ((False, 1), (True, 2)):
+        n = MTNeuron(th1=1.0, th2=0.5, levels=4, nearest_level=nearest)
+        n.step_mode = "m" if multi_step else "s"
+        y = n(current.unsqueeze(0) if multi_step else current).flatten()
+        assert y.tolist() == [row[column] for row in _FIRST_STEP], nearest
+        # the residual stays in the membrane: nearest may overshoot (negative residual for a positive
+        # input), which a later negative spike takes back
+        torch.testing.assert_close(n.v.flatten(), current - y)
+
+
+def test_mt_nearest_level_error_is_never_larger_at_the_first_step() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(20_000) * 8
+    errs = []
+    for nearest in (False, True):
+        n = MTNeuron(th1=0.3, th2=0.2, levels=8, nearest_level=nearest)
+        errs.append((n(x) - x).abs())
+    assert (errs[1] <= errs[0] + 1e-6).all() and errs[1].mean() < 0.8 * errs[0].mean()
+
+
+@pytest.mark.parametrize("multi_step", [False, True])
+def test_mt_initial_membrane_changes_the_first_step_by_hand(multi_step: bool) -> None:
+    # th1 = 1, th2 = 1, v(0) = 0.5 th1: m(1) = I + 0.5
+    current = torch.tensor([0.3, -0.3, -0.6, 1.2, -1.2])
+    expected = {0.0: [0.0, 0.0, -1.0, 1.0, -1.0],  # m = I: 0.3 silent, -0.6 fires -1, 1.2 fires 1
+                0.5: [1.0, 0.0, 0.0, 2.0, -1.0]}   # m = 0.8, 0.2, -0.1, 1.7, -0.7
+    for v0, out in expected.items():
+        n = MTNeuron(th1=1.0, th2=1.0, levels=4, initial_membrane=v0)
+        n.step_mode = "m" if multi_step else "s"
+        y = n(current.unsqueeze(0) if multi_step else current).flatten()
+        assert y.tolist() == out, v0
+        torch.testing.assert_close(n.v.flatten(), current + v0 - y)
+        functional.reset_net(n)  # the next simulation starts from v(0) again
+        y2 = n(current.unsqueeze(0) if multi_step else current).flatten()
+        assert y2.tolist() == out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("nearest", "v0"), [(True, 0.0), (False, 0.25), (True, 0.5)])
+def test_mt_options_multi_step_matches_single_step(dtype: torch.dtype, nearest: bool, v0: float) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(6, 3, 300) * 2).to(dtype)
+    single = MTNeuron(0.3, 0.2, levels=8, nearest_level=nearest, initial_membrane=v0).to(dtype)
+    ys = torch.stack([single(xt) for xt in x])
+    multi = MTNeuron(0.3, 0.2, levels=8, nearest_level=nearest, initial_membrane=v0).to(dtype)
+    multi.step_mode = "m"
+    assert torch.equal(multi(x), ys)  # bit-identical
+    allowed = torch.cat([0.3 * 2.0 ** torch.arange(8), -0.2 * 2.0 ** torch.arange(8), torch.zeros(1)]).to(dtype)
+    assert torch.isclose(ys.unsqueeze(-1), allowed, rtol=1e-6, atol=0).any(-1).all()  # the same alphabet
+
+
+@pytest.mark.parametrize("v0", [1.0, -0.1, float("nan"), True, "0.5"])
+def test_mt_rejects_bad_initial_membrane(v0: object) -> None:
+    with pytest.raises(ValueError, match=r"initial_membrane is a fraction of the threshold th1 in \[0, 1\)"):
+        MTNeuron(initial_membrane=v0)
