@@ -424,7 +424,8 @@ def train_main(args: Sequence[str] | None = None, run: bool = True,
 
 # -- conversion -------------------------------------------------------------------------------------
 #: the converters ``--model.converter`` accepts by class name alone (``ECMTConverter``)
-CONVERTER_MODULES = ("csdlab.convert.csdformer", "csdlab.convert.ecmt", "csdlab.convert.mbe")
+CONVERTER_MODULES = ("csdlab.convert.csdformer", "csdlab.convert.ecmt", "csdlab.convert.ecmt_burst", "csdlab.convert.mbe",
+                     "csdlab.convert.sta")
 
 #: Trainer arguments of the training loop: a conversion evaluation only runs ``test``
 TRAINING_ONLY = frozenset({

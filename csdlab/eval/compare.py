@@ -10,7 +10,7 @@ forward, timed side by side (interleaved rounds on the same images, medians, cou
 
 A method is a ``configs/convert/*.yaml`` file, optionally with converter options after a colon::
 
-    configs/convert/fmnist_vit_ecmt.yaml:levels=16,percentile=99.9
+    configs/convert/fmnist_vit_ecmt.yaml:levels=16;percentile=99.9
 
 Its ``T`` (``Ts = [T]`` for a converter that takes a list, MBE) is set to each requested T; a T a
 method cannot run (MBE has no T = 1 table) becomes a row saying why.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,10 +64,11 @@ class MethodSpec:
 
 
 def parse_method(text: str) -> MethodSpec:
-    """``path.yaml`` or ``path.yaml:key=value,key=value`` (values read as YAML: ``16``, ``null``, ``[1, 2]``)."""
+    """``path.yaml`` or ``path.yaml:key=value;key=value`` (``,`` works too, inside a quoted list
+    item; values read as YAML: ``16``, ``null``)."""
     path, _, opts = text.partition(":")
     overrides: dict[str, Any] = {}
-    for item in filter(None, (o.strip() for o in opts.split(","))):
+    for item in filter(None, (o.strip() for o in re.split("[,;]", opts))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"bad converter option {item!r} in {text!r}: write key=value (e.g. levels=16)")
