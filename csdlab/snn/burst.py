@@ -55,7 +55,7 @@ class BurstNeuron(MTNeuron):
     def spike_units(self, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         """The signed burst size ``k`` of every output entry."""
         q1, q2 = self._units(output.dtype, output.device)
-        return torch.where(output >= 0, output / q1, output / q2).round_()
+        return torch.where(output >= 0, output / q1, output / -q2).round_()  # q2 < 0: -th2 / L
 
     def _fire(self, m: Tensor, sth: Tensor | None = None, out: Tensor | None = None,
               constants: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
