@@ -161,7 +161,8 @@ class PayloadCounter(HookCounter):
       absolute sum, and the unit spikes per row are recorded for the op counter's unit-spike rule;
     * a :class:`~csdlab.eval.api.SpikeTrainSource` (MBE) is read through its trains, on the first
       row of each call (re-running the trains of every input would cost a second simulation): the
-      largest entry and the values; its events and spikes are its ``count_events`` (binary trains);
+      largest entry and the values; its events and spikes are its ``count_events`` (binary trains).
+      On the CPU only: off it the trains are taken as binary (the spike-driven check reruns them);
     * any other site must output unit counts itself (0 / 1): its largest |entry| is measured (a
       value above 1 shows up as a larger payload), its events are its ``count_events``.
 
@@ -197,8 +198,13 @@ class PayloadCounter(HookCounter):
             seen = value_bins(units)
         elif isinstance(module, SpikeTrainSource):
             x = inputs[0]
-            trains = module.spike_trains(x[:1]) if x.dim() else module.spike_trains(x)
             events = spikes = torch.as_tensor(module.count_events(inputs, output)[0], dtype=torch.float64)
+            if x.device.type == "cpu":
+                trains = module.spike_trains(x[:1]) if x.dim() else module.spike_trains(x)
+            else:
+                # re-running trains reads values on the host (a synchronisation per call on a GPU):
+                # off the CPU the trains are taken as binary, which the spike-driven check verifies
+                trains = (spikes > 0).to(x.dtype).reshape(1)
             largest = trains.detach().abs().max().to(torch.float64)
             seen = value_bins(trains)
         else:
