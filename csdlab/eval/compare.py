@@ -204,6 +204,9 @@ def compare(methods: list[str], checkpoint: str | None = None, Ts: list[int] = [
                 rows.append({**row, "variant": v, **_row(results, v), "sim_over_ann": timing[v]["ratio"],
                              "sim_s": timing[v]["snn_s"], "ann_s": timing[v]["ann_s"],
                              "declared_payload": results.get("payload_declared")})
+            # the rows so far, after every run: a long comparison stopped early keeps what it measured
+            write_json({"checkpoint": checkpoint, "data": data, "ann": ann, "rows": rows, "partial": True},
+                       folder / "comparison.json")
     out = {"checkpoint": checkpoint, "data": data, "Ts": list(Ts), "ann": ann, "rows": rows,
            "methods": [{"label": s.label, "config": s.config, "class_path": s.class_path, "init_args": s.init_args}
                        for s in specs], "timing": {"images": timing_images, "repeats": timing_repeats}}
