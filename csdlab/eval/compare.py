@@ -19,6 +19,7 @@ method cannot run (MBE has no T = 1 table) becomes a row saying why.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import re
 import time
@@ -148,7 +149,7 @@ def _evaluate(converter: Converter, checkpoint: str, data: Mapping[str, Any], ac
 def compare(methods: list[str], checkpoint: str | None = None, Ts: list[int] = [1, 2, 4, 8, 16],  # noqa: B006
             limit: int | None = 1000, batch_size: int | None = None, calib_batches: int | None = None,
             out_dir: str | None = None, timing_images: int = 50, timing_repeats: int = 3,
-            accelerator: str = "auto") -> dict[str, Any]:
+            accelerator: str = "auto", include: list[str] = []) -> dict[str, Any]:  # noqa: B006
     """Compare converters on one checkpoint and the same images; write ``comparison.md``,
     ``comparison.json``, ``accuracy_vs_energy.png`` and ``accuracy_vs_payload.png``.
 
@@ -164,29 +165,38 @@ def compare(methods: list[str], checkpoint: str | None = None, Ts: list[int] = [
         timing_images: images of the side-by-side timing (the first test images).
         timing_repeats: timed rounds per candidate (medians).
         accelerator: Lightning's accelerator (``auto``, ``cpu``, ``gpu``).
+        include: ``comparison.json`` files of earlier comparisons on the same checkpoint and the
+            same images (checked) whose rows join this table (methods run as separate processes).
     """
     from csdlab.eval.report import next_version
 
-    if not methods:
+    if not methods and not include:
         raise ValueError("give at least one method: --methods [configs/convert/fmnist_vit_ecmt.yaml, ...]")
     if not Ts or any(not isinstance(t, int) or t < 1 for t in Ts):
         raise ValueError(f"Ts must be integers >= 1, got {Ts!r}")
     if timing_images < 1 or timing_repeats < 1:
         raise ValueError("timing_images and timing_repeats must be >= 1")
+    earlier = [json.loads(Path(p).read_text()) for p in include]
     specs = [parse_method(m) for m in methods]
-    first = specs[0]
-    checkpoint = checkpoint or first.checkpoint
+    first = specs[0] if specs else None
+    checkpoint = checkpoint or (first.checkpoint if first else earlier[0]["checkpoint"])
     if not checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint or set model.checkpoint in the first config")
-    data = {"dataset": first.data.get("dataset"), "split": first.data.get("split", "test"), "limit": limit,
-            "batch_size": batch_size or first.data.get("batch_size", 250),
-            "calib_batches": calib_batches or first.data.get("calib_batches", 8)}
-    if "data_dir" in first.data:
-        data["data_dir"] = first.data["data_dir"]
+    cfg_data = first.data if first else earlier[0]["data"]
+    data = {"dataset": cfg_data.get("dataset"), "split": cfg_data.get("split", "test"), "limit": limit,
+            "batch_size": batch_size or cfg_data.get("batch_size", 250),
+            "calib_batches": calib_batches or cfg_data.get("calib_batches", 8)}
+    if "data_dir" in cfg_data:
+        data["data_dir"] = cfg_data["data_dir"]
+    for p, e in zip(include, earlier, strict=True):
+        same = {k: e["data"].get(k) for k in ("dataset", "split", "limit", "calib_batches")}
+        if e["checkpoint"] != checkpoint or same != {k: data[k] for k in same}:
+            raise ValueError(f"{p} compared {e['checkpoint']} on {same}, not {checkpoint} on the images here: "
+                             "include only comparisons of the same checkpoint, images and calibration")
     folder = Path(out_dir or next_version("logs/compare"))
     check_writable(folder, "the comparison folder (--out_dir)")
-    rows: list[dict[str, Any]] = []
-    ann: dict[str, float] = {}
+    rows: list[dict[str, Any]] = [r for e in earlier for r in e["rows"]]
+    ann: dict[str, float] = next((e["ann"] for e in earlier if e.get("ann")), {})
     for spec in specs:
         for T in Ts:
             row: dict[str, Any] = {"method": spec.label, "T": T}
