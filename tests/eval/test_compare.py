@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from csdlab.cli import make_convert_cli
-from csdlab.eval.compare import parse_method
+from csdlab.eval.compare import compare, parse_method
 
 
 def _config(path: Path, class_path: str, **init_args) -> str:
@@ -45,6 +45,11 @@ def test_compare_two_methods_on_a_tiny_vit(digits_vit: Path, tmp_path: Path) -> 
     assert "| burst [burst=4] | 2 |" in md and "| ANN |" in md
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["accuracy_vs_energy.png",
                                                                        "accuracy_vs_payload.png"]
+    # methods run as separate processes join one table; other images are refused
+    joined = compare([], include=[str(tmp_path / "out" / "comparison.json")], limit=64, out_dir=str(tmp_path / "j"))
+    assert joined["rows"] == json.loads(json.dumps(rows)) and joined["ann"] == out["ann"]
+    with pytest.raises(ValueError, match="include only comparisons of the same checkpoint"):
+        compare([], include=[str(tmp_path / "out" / "comparison.json")], limit=100, out_dir=str(tmp_path / "k"))
 
 
 def test_bad_method_options_are_refused(tmp_path: Path) -> None:
