@@ -231,8 +231,8 @@ def compare(methods: list[str], checkpoint: str | None = None, Ts: list[int] = [
     return out
 
 
-def _pct(x: float) -> str:
-    return "-" if x != x else f"{100 * x:.2f}"
+def _pct(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.2f}"  # NaN (no such readout) is None in the JSON
 
 
 def comparison_table(out: Mapping[str, Any]) -> str:
