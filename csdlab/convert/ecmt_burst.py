@@ -27,7 +27,9 @@ class ECMTBurstConverter(ECMTConverter):
         T: time steps simulated; the readout is reported after every ``t = 1..T``.
         burst: the largest burst L (the payload: ``ceil(log2(2L + 1))`` bits per event).
         percentile: p: each site's range ``th1`` / ``th2`` is the p-th / (100-p)-th percentile of its
-            float activations (ECMT's calibration).
+            float activations (ECMT's calibration). 99.9 by default: what a burst cannot send in one
+            step waits in the membrane, so a range clipping 1 % of the values costs the first step
+            (Fashion-MNIST ViT, T = 1, 500 images: 86.6 % at p = 99, 89.2 % at 99.9, 88.2 % at 100).
         softmax_threshold: a fixed range after the softmax (None: its percentile).
         gelu_thresholds: fixed ``(th1, th2)`` after the MLP activation (None: percentile).
         multi_step, images_per_pass: as :class:`~csdlab.convert.ecmt.ECMTConverter`.
@@ -35,7 +37,7 @@ class ECMTBurstConverter(ECMTConverter):
 
     name = "ecmt_burst"
 
-    def __init__(self, T: int = 2, burst: int = 16, percentile: float = 99.0, softmax_threshold: float | None = None,
+    def __init__(self, T: int = 2, burst: int = 16, percentile: float = 99.9, softmax_threshold: float | None = None,
                  gelu_thresholds: tuple[float, float] | None = None, multi_step: bool = True,
                  images_per_pass: int | None = None) -> None:
         if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
