@@ -1,4 +1,4 @@
-"""ECMT with burst neurons: STA's large first-step payload brought into ECMT (docs/peers.md §4).
+"""ECMT with burst neurons: STA's large first-step payload brought into ECMT (docs/peers.md).
 
 :class:`ECMTBurstConverter` is ECMT (same conversion, same expectation compensation around every
 LayerNorm, GELU, softmax and attention product, same percentile calibration) with every

@@ -1,4 +1,4 @@
-"""The burst neuron: ECMT's multi-threshold neuron with uniform levels (docs/peers.md §4).
+"""The burst neuron: ECMT's multi-threshold neuron with uniform levels (docs/peers.md).
 
 STA (SpikingJelly's recipe) reaches the ANN after one step because its encoders send a *burst*: a
 signed count of unit spikes, as many as the membrane holds, with a unit ``theta`` small next to the
