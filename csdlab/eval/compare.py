@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -34,8 +35,16 @@ from torch import Tensor, nn
 from csdlab.eval.api import Converter, SpikingModel
 from csdlab.eval.plots import _figure, _save, check_writable, format_table, write_json
 
-__all__ = ["MethodSpec", "parse_method", "build_converter", "time_side_by_side", "compare", "comparison_table",
-           "plot_comparison", "ROW_KEYS"]
+__all__ = [
+    "ROW_KEYS",
+    "MethodSpec",
+    "build_converter",
+    "compare",
+    "comparison_table",
+    "parse_method",
+    "plot_comparison",
+    "time_side_by_side",
+]
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +137,10 @@ def _row(results: Mapping[str, Any], variant: str) -> dict[str, float]:
 def _evaluate(converter: Converter, checkpoint: str, data: Mapping[str, Any], accelerator: str,
               timing_images: int, timing_repeats: int) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """One ``convert.py test``-style run, then the side-by-side timing of each variant."""
-    from lightning.pytorch import Trainer
+    from lightning.pytorch import Trainer, seed_everything
 
     from csdlab.eval.data import ConversionData
     from csdlab.eval.module import ConversionEvaluation
-
-    from lightning.pytorch import seed_everything
 
     seed_everything(0, verbose=False)  # as convert.py test
     module = ConversionEvaluation(converter, checkpoint=checkpoint)
@@ -232,7 +239,7 @@ def compare(methods: list[str], checkpoint: str | None = None, Ts: list[int] = [
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{100 * x:.2f}"  # NaN (no such readout) is None in the JSON
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.2f}"  # NaN (no such readout) is None in the JSON
 
 
 def comparison_table(out: Mapping[str, Any]) -> str:

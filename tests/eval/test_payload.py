@@ -8,7 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from csdlab.eval.api import Payload, SpikingModel
-from csdlab.eval.counters import PAYLOAD_BINS, PAYLOAD_EXACT, SimulationCounters, bits_of_values, value_bins
+from csdlab.eval.counters import (
+    PAYLOAD_BINS,
+    PAYLOAD_EXACT,
+    SimulationCounters,
+    bits_of_values,
+    value_bins,
+)
 from csdlab.eval.metrics import ConversionMetrics
 from csdlab.snn.burst import BurstNeuron
 from csdlab.snn.neurons import MTNeuron
