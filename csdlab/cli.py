@@ -9,7 +9,8 @@
   Ctrl-C that stops the program (Lightning turns it into ``SystemExit(1)`` otherwise).
 * :class:`TrainCLI` / :func:`train_main`: ``train.py``.
 * :class:`ConvertCLI` / :func:`convert_main`: ``convert.py test`` (a conversion evaluation,
-  :mod:`csdlab.eval`) and ``convert.py mbe-fit`` (:func:`mbe_fit`).
+  :mod:`csdlab.eval`), ``convert.py mbe-fit`` (:func:`mbe_fit`) and ``convert.py compare``
+  (:mod:`csdlab.eval.compare`: several methods on one checkpoint, one table).
 """
 
 from __future__ import annotations
@@ -423,7 +424,8 @@ def train_main(args: Sequence[str] | None = None, run: bool = True,
 
 # -- conversion -------------------------------------------------------------------------------------
 #: the converters ``--model.converter`` accepts by class name alone (``ECMTConverter``)
-CONVERTER_MODULES = ("csdlab.convert.csdformer", "csdlab.convert.ecmt", "csdlab.convert.mbe")
+CONVERTER_MODULES = ("csdlab.convert.csdformer", "csdlab.convert.ecmt", "csdlab.convert.ecmt_burst", "csdlab.convert.mbe",
+                     "csdlab.convert.sta")
 
 #: Trainer arguments of the training loop: a conversion evaluation only runs ``test``
 TRAINING_ONLY = frozenset({
@@ -443,6 +445,11 @@ MBE_FIT_DESCRIPTION = ("Fit the MBE neurons' parameters (every primitive for eve
                        "mbe_T{T}_N{N}.json files into a new folder (logs/mbe_fit/version_N unless --out_dir); "
                        "--replace_shipped true replaces the tables shipped in csdlab/snn/mbe_tables/.")
 MBE_FIT = "mbe-fit"
+COMPARE_DESCRIPTION = ("Compare converters on one checkpoint and the same test images, each at T = 1, 2, 4, 8, 16: "
+                       "one table (comparison.md, comparison.json: top-1, agreement, measured payload, energy "
+                       "per event and per unit spike, simulation time / ANN side by side) and two plots, in a "
+                       "new folder (logs/compare/version_N unless --out_dir).")
+COMPARE = "compare"
 
 
 def _register_converters() -> None:
@@ -518,7 +525,8 @@ class _SaveRunConfig(SaveConfigCallback):
 class ConvertCLI(CsdlabCLI):
     """``convert.py``: ``test`` runs a conversion evaluation (:class:`~csdlab.eval.ConversionEvaluation`,
     :class:`~csdlab.eval.ConversionData`, the report callback :class:`~csdlab.eval.report.ConversionReport`
-    and everything :class:`CsdlabCLI` gives); ``mbe-fit`` runs :func:`mbe_fit`.
+    and everything :class:`CsdlabCLI` gives); ``mbe-fit`` runs :func:`mbe_fit`; ``compare`` runs
+    :func:`csdlab.eval.compare.compare` (one ``test``-style evaluation per method and T, one table).
 
     Every run writes into its own folder: ``<default_root_dir>/version_N`` (the CSV logger's), with
     ``config.yaml``, ``figures.json``, the plots and the W&B run (offline by default).
@@ -540,6 +548,11 @@ class ConvertCLI(CsdlabCLI):
             # the report logs its own tables, not Lightning's 150-row table of raw keys
             subcommands.choices["test"].set_defaults({"verbose": False})
             subcommands.add_subcommand(MBE_FIT, fit, help=MBE_FIT_DESCRIPTION)
+            from csdlab.eval.compare import compare
+
+            cmp = self.init_parser(description=COMPARE_DESCRIPTION, exit_on_error=False)
+            cmp.add_function_arguments(compare, as_positional=False)
+            subcommands.add_subcommand(COMPARE, cmp, help=COMPARE_DESCRIPTION)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
@@ -550,11 +563,14 @@ class ConvertCLI(CsdlabCLI):
         parser.link_arguments("model.data_config", "data.model_data", apply_on="instantiate")
 
     def instantiate_classes(self) -> None:
-        if self.subcommand == MBE_FIT:
-            # not a Trainer method: nothing of Lightning to build; run it and leave nothing to run
+        if self.subcommand in (MBE_FIT, COMPARE):
+            # not a Trainer method: nothing of Lightning to build here; run it and leave nothing to run
+            from csdlab.eval.compare import compare
+
+            fn = mbe_fit if self.subcommand == MBE_FIT else compare
             self.model = self.datamodule = self.trainer = None
-            cfg = self.config[MBE_FIT]
-            self.result = mbe_fit(**{k: cfg[k] for k in inspect.signature(mbe_fit).parameters if k in cfg})
+            cfg = self.config[self.subcommand]
+            self.result = fn(**{k: cfg[k] for k in inspect.signature(fn).parameters if k in cfg})
             self.subcommand = None
             return
         super().instantiate_classes()

@@ -26,7 +26,7 @@ from csdlab.convert.ecmt_vit import AnalogEmbed, ECMTAttention, ECMTMlp, Spiking
 from csdlab.convert.passes import swap_modules
 from csdlab.convert.percentile import percentile_pair
 from csdlab.convert.vit import all_reduce_with_count, observe_sites, rewrite_vit, skeleton
-from csdlab.eval.api import AllReduce, Converter, SpikingModel
+from csdlab.eval.api import AllReduce, Converter, Payload, SpikingModel
 from csdlab.snn.ecmt import ECFunction, ECMatMul
 from csdlab.snn.neurons import MTNeuron, check_initial_membrane
 
@@ -246,6 +246,10 @@ class ECMTConverter(Converter):
         self.threshold_search, self.search_steps = bool(threshold_search), search_steps
         self.nearest_level, self.initial_membrane = bool(nearest_level), check_initial_membrane(initial_membrane)
         self.thresholds: dict[str, tuple[float, float]] = {}
+
+    def payload(self) -> Payload:
+        """One signed spike of ``th 2^k``, ``k < levels``, per neuron and step."""
+        return Payload.power_levels(self.levels)
 
     def check(self, model: nn.Module) -> None:
         convert_vit(skeleton(model), self.levels)  # the conversion itself, on a copy without data

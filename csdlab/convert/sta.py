@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from csdlab.eval.api import AllReduce, Converter, SpikingModel
+from csdlab.eval.api import AllReduce, Converter, Payload, SpikingModel
 from csdlab.snn.counting import synaptic_events
 
 __all__ = ["STAConverter", "STASpikingModel", "EncoderSite", "CountedAffine", "CountedAttention", "to_torchvision",
@@ -249,6 +249,13 @@ class EncoderSite(nn.Module):
             self._last = (events, spikes, largest)
         return out
 
+    def spike_units(self, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        """The signed burst size per neuron and step (the payload counter's reading of this site)."""
+        theta = self.encoder.v_threshold.to(output).clamp(min=torch.finfo(output.dtype).eps)
+        shape = [1] * output.dim()
+        shape[self.encoder.channel_dim] = theta.numel()
+        return (output / theta.view(shape)).round_()
+
     def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, int]:
         """Events of the call just run (the firing counter's hook), by this site's rule."""
         events, spikes, _ = self._last if self._last is not None else (torch.zeros(()),) * 3
@@ -267,6 +274,13 @@ class EncoderSite(nn.Module):
 
 def _per_step_nonzero(x: Tensor) -> Tensor:
     return torch.count_nonzero(x.reshape(x.shape[0], -1), dim=1).to(torch.float64)
+
+
+def _per_step_events(src: EncoderSite | None, x: Tensor, rule: str) -> Tensor:
+    """Events (``rule="event"``: non-zero bursts) or unit spikes (``"spike"``) of ``x`` per step."""
+    if src is not None and rule == "spike":
+        return src.counts(x).reshape(x.shape[0], -1).sum(1, dtype=torch.float64)
+    return _per_step_nonzero(x)
 
 
 class CountedAffine(nn.Module):
@@ -315,11 +329,15 @@ class CountedAffine(nn.Module):
             rows = synaptic_events(self._geometry[0], x.reshape(-1, *x.shape[2:]))  # [T*B]
             return rows.view(steps, -1).sum(1).cpu(), zero
         fan_out = self._geometry[0].out_features
-        if src.rule == "spike":
-            per_step = src.counts(x).reshape(steps, -1).sum(1, dtype=torch.float64)
-        else:
-            per_step = _per_step_nonzero(x)
-        return zero, (per_step * fan_out).cpu()
+        return zero, (_per_step_events(src, x, src.rule) * fan_out).cpu()
+
+    def count_spike_acs(self, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        """ACs per step under the unit-spike rule (a burst of k spikes: k ACs per target)."""
+        x = inputs[0].detach()
+        src = self.source
+        if src is None:
+            return torch.zeros(x.shape[0], dtype=torch.float64)
+        return (_per_step_events(src, x, "spike") * self._geometry[0].out_features).cpu()
 
 
 class CountedAttention(nn.Module):
@@ -354,16 +372,19 @@ class CountedAttention(nn.Module):
             raise ValueError("CountedAttention counts self-attention only (query = key = value)")
         steps, _, n, d = x.shape
         src = self.source
-        if src is not None and src.rule == "spike":
-            per_step = src.counts(x).reshape(steps, -1).sum(1, dtype=torch.float64)
-        else:
-            per_step = _per_step_nonzero(x)
-        acs = per_step * 3 * d
+        acs = _per_step_events(src, x, src.rule if src is not None else "event") * 3 * d
         active = (x.reshape(steps, x.shape[1], -1) != 0).any(-1).sum(1).to(torch.float64)  # images per step
         macs = active * float(2 * n * n * d + n * d * d)
         if src is None:  # a floating-point input: the projections are MACs too
             macs, acs = macs + acs, torch.zeros_like(acs)
         return macs.cpu(), acs.cpu()
+
+    def count_spike_acs(self, inputs: tuple[Tensor, ...], output: Any) -> Tensor:
+        """The q, k, v projections' ACs per step under the unit-spike rule."""
+        x = inputs[0].detach()
+        if self.source is None:
+            return torch.zeros(x.shape[0], dtype=torch.float64)
+        return (_per_step_events(self.source, x, "spike") * 3 * x.shape[-1]).cpu()
 
 
 _PASS_THROUGH_OPS = {operator.getitem}
@@ -560,6 +581,10 @@ class STAConverter(Converter):
     @property
     def needs_calibration(self) -> bool:
         return self.mode == "spiking_encoder"
+
+    def payload(self) -> Payload:
+        """A signed burst with no bound on its size (``trunc(v / theta)`` spikes at once)."""
+        return Payload.burst(None)
 
     def check(self, model: nn.Module) -> None:
         """Refuse a model the port cannot map, or whose port does not reproduce its logits."""

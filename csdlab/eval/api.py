@@ -14,15 +14,17 @@ rates per site, energy, tables, JSON, plots, W&B, DDP) is done by :mod:`csdlab.e
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["SpikingModel", "Converter", "CONVERTERS", "AllReduce", "EventCounting", "OpCounting",
-           "GradedSpikeSource", "SpikeTrainSource"]
+           "GradedSpikeSource", "SpikeTrainSource", "PayloadSource", "Payload", "PAYLOAD_KINDS"]
 
 # sums a tensor over every process (identity in a single process)
 AllReduce = Callable[[Tensor], Tensor]
@@ -72,6 +74,75 @@ class SpikeTrainSource(Protocol):
 
     def decode(self, trains: Tensor, x: Tensor) -> Tensor:
         """The value the receiver reconstructs from ``trains`` (shape and dtype of ``x``)."""
+
+
+@runtime_checkable
+class PayloadSource(Protocol):
+    """A neuron layer that says how many unit spikes each of its outputs is (the payload counter,
+    :class:`csdlab.eval.counters.PayloadCounter`, measures the payload from it). A site without
+    this method must output unit counts itself (0 / 1 for a binary neuron); a
+    :class:`SpikeTrainSource` is read through its trains."""
+
+    def spike_units(self, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        """The signed number of unit spikes (integer-valued) each neuron sent in each step of the
+        call that produced ``output``, shape of ``output`` (ECMT's ``th 2^k`` spike: ``2^k``; an STA
+        burst of ``k`` spikes: ``k``)."""
+
+
+#: the payload kinds a converter may declare
+PAYLOAD_KINDS = ("binary", "levels", "burst")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What one neuron may send in one step, as a converter *declares* it (the evaluation measures
+    what it actually sends, :class:`csdlab.eval.counters.PayloadCounter`; the contract test holds
+    the measurement to this declaration).
+
+    Attributes:
+        kind: ``binary`` (0 or 1), ``levels`` (a graded spike of a finite alphabet, e.g. ECMT's
+            ``+-th 2^k``) or ``burst`` (a signed count of unit spikes sent at once, e.g. STA's).
+        max_units: the largest value one neuron may send in one step, in unit spikes (None: no bound).
+        values: distinct values one neuron may send in one step, silence included (None: no bound).
+    """
+
+    kind: str
+    max_units: int | None
+    values: int | None
+
+    def __post_init__(self) -> None:
+        if self.kind not in PAYLOAD_KINDS:
+            raise ValueError(f"payload kind must be one of {PAYLOAD_KINDS}, got {self.kind!r}")
+
+    @property
+    def bits(self) -> int | None:
+        """Bits one event must carry to tell the values apart: ``ceil(log2(values))`` (None: no bound)."""
+        return None if self.values is None else max(1, math.ceil(math.log2(self.values)))
+
+    @classmethod
+    def binary(cls) -> Payload:
+        return cls("binary", 1, 2)
+
+    @classmethod
+    def power_levels(cls, levels: int) -> Payload:
+        """``+-th 2^k``, ``k < levels`` (ECMT's multi-threshold neuron): up to ``2^(levels-1)`` unit
+        spikes, ``2 levels + 1`` values."""
+        return cls("levels", 2 ** (levels - 1), 2 * levels + 1)
+
+    @classmethod
+    def burst(cls, max_units: int | None = None, signed: bool = True) -> Payload:
+        """A count of up to ``max_units`` unit spikes (None: unbounded), signed or not."""
+        values = None if max_units is None else (2 * max_units + 1 if signed else max_units + 1)
+        return cls("burst", max_units, values)
+
+    def describe(self) -> str:
+        """One phrase for tables: ``binary``, ``17 levels (5 bits)``, ``burst <= 112 (8 bits)``,
+        ``burst, unbounded``."""
+        if self.kind == "binary":
+            return "binary"
+        if self.kind == "levels":
+            return f"{self.values} values, <= {self.max_units} spikes ({self.bits} bits)"
+        return "burst, unbounded" if self.max_units is None else f"burst <= {self.max_units} ({self.bits} bits)"
 
 
 class SpikingModel(nn.Module, ABC):
@@ -166,6 +237,11 @@ class Converter(ABC):
         super().__init_subclass__(**kwargs)
         if not getattr(cls, "__abstractmethods__", None):
             CONVERTERS[cls.name] = cls
+
+    def payload(self) -> Payload:
+        """The spike payload this converter's SNNs send, as it declares it (default: binary). The
+        evaluation measures the real one; the contract test checks the measurement stays within."""
+        return Payload.binary()
 
     def check(self, model: nn.Module) -> None:
         """Raise ``ValueError`` (naming the problem and the fix) if ``model`` cannot be converted.

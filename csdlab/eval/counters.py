@@ -15,7 +15,15 @@ energy formula (docs/methods.md §3), the field's 45 nm convention:
   (:meth:`csdlab.eval.api.SpikingModel.uncounted_modules`, with the reason): the counter raises,
   naming it, instead of leaving its work out silently.
 
-Both counters hang on the same hook mechanism (:class:`HookCounter`) and are entered together by
+Two counting rules for events that carry more than one spike (a graded spike, a burst): per
+event (one AC per event and target, whatever it carries: ``per_step``) and per unit spike (an event
+of ``k`` unit spikes costs ``k`` ACs per target: ``per_step_spike``). Both come out of the same
+simulation: the payload counter (:class:`PayloadCounter`) records each graded site's unit spikes
+per row (:func:`csdlab.snn.counting.record_units_rows`) and the op counter charges the layers it
+feeds from that record; a module counting itself may define ``count_spike_acs(inputs, output)``,
+its ACs per unit spike (otherwise its ACs count under both rules: binary operands). For binary spikes the rules agree.
+
+The counters hang on the same hook mechanism (:class:`HookCounter`) and are entered together by
 :class:`SimulationCounters`, which the evaluation and the benchmarks use alike. Counts stay on the
 model's device (no host synchronisation inside a simulation).
 """
@@ -23,6 +31,7 @@ model's device (no host synchronisation inside a simulation).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from typing import Any
@@ -31,11 +40,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from csdlab.eval.api import EventCounting, OpCounting
-from csdlab.snn.counting import counting_cache, synaptic_events
+from csdlab.eval.api import EventCounting, OpCounting, PayloadSource, SpikeTrainSource
+from csdlab.snn.counting import bincount_below, counting_cache, record_units_rows, synaptic_events, units_per_row
 
-__all__ = ["E_MAC_PJ", "E_AC_PJ", "energy_ratio", "HookCounter", "FiringCounter", "OpCounter",
-           "SimulationCounters", "dense_macs", "ann_macs"]
+__all__ = ["E_MAC_PJ", "E_AC_PJ", "energy_ratio", "HookCounter", "FiringCounter", "OpCounter", "PayloadCounter",
+           "SimulationCounters", "dense_macs", "ann_macs", "PAYLOAD_EXACT", "PAYLOAD_BINS", "value_bins",
+           "bits_of_values"]
 
 E_MAC_PJ = 4.6  # pJ per 32-bit multiply-accumulate (45 nm)
 E_AC_PJ = 0.9  # pJ per 32-bit accumulate (45 nm)
@@ -113,6 +123,102 @@ class FiringCounter(HookCounter):
         self.counts[1, index] += steps
 
 
+#: unit-spike values ``-PAYLOAD_EXACT .. PAYLOAD_EXACT`` are told apart one by one; larger ones by
+#: their octave ``floor(log2 |u|)`` and sign (exact for ECMT's power-of-two levels; a burst above
+#: 1023 spikes would undercount its distinct values)
+PAYLOAD_EXACT = 1023
+_OCTAVES = 128
+PAYLOAD_BINS = 2 * PAYLOAD_EXACT + 1 + 2 * _OCTAVES
+
+
+def value_bins(units: Tensor) -> Tensor:
+    """``[PAYLOAD_BINS]`` float64: 1 where a value of the integer-valued ``units`` occurs, else 0
+    (bin ``u + PAYLOAD_EXACT`` for ``|u| <= PAYLOAD_EXACT``; beyond, one bin per octave and sign)."""
+    u = units.detach().flatten()
+    if u.numel() == 0:
+        return torch.zeros(PAYLOAD_BINS, dtype=torch.float64, device=u.device)
+    mag = u.abs()
+    octave = torch.log2(mag.clamp(min=1)).floor_().clamp_(max=_OCTAVES - 1)
+    idx = torch.where(mag <= PAYLOAD_EXACT, u + PAYLOAD_EXACT, 2 * PAYLOAD_EXACT + 1 + 2 * octave + (u < 0).to(u.dtype))
+    return (bincount_below(idx.long(), PAYLOAD_BINS) > 0).to(torch.float64)
+
+
+def bits_of_values(seen: Tensor) -> int:
+    """Bits one event needs to tell apart the values marked in ``seen`` (:func:`value_bins`,
+    silence counted as a value even if never seen): ``ceil(log2(distinct))``, at least 1."""
+    distinct = int((seen > 0).sum()) + int(not bool(seen[PAYLOAD_EXACT] > 0))
+    return max(1, math.ceil(math.log2(max(distinct, 2))))
+
+
+class PayloadCounter(HookCounter):
+    """The payload each neuron site actually sent: its events, its unit spikes, the largest value one
+    neuron sent in one step (in unit spikes) and which values occurred (:func:`value_bins`).
+
+    Measured from the sites' outputs, not from any declaration:
+
+    * a :class:`~csdlab.eval.api.PayloadSource` says how many unit spikes each output entry is
+      (``spike_units``): every entry is read, the events are its non-zero entries, the spikes their
+      absolute sum, and the unit spikes per row are recorded for the op counter's unit-spike rule;
+    * a :class:`~csdlab.eval.api.SpikeTrainSource` (MBE) is read through its trains, on the first
+      row of each call (re-running the trains of every input would cost a second simulation): the
+      largest entry and the values; its events and spikes are its ``count_events`` (binary trains).
+      On the CPU only: off it the trains are taken as binary (the spike-driven check reruns them);
+    * any other site must output unit counts itself (0 / 1): its largest |entry| is measured (a
+      value above 1 shows up as a larger payload), its events are its ``count_events``.
+
+    ``counts``: ``[3, sites]`` float64 (events, unit spikes, largest value); ``seen``:
+    ``[sites, PAYLOAD_BINS]``.
+    """
+
+    def __init__(self, sites: Mapping[str, nn.Module], device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.sites = dict(sites)
+        if device is None:
+            tensors = (t for m in self.sites.values() for t in itertools.chain(m.parameters(), m.buffers()))
+            device = next((t.device for t in tensors), torch.device("cpu"))
+        self.counts = torch.zeros(3, len(self.sites), dtype=torch.float64, device=device)
+        self.seen = torch.zeros(len(self.sites), PAYLOAD_BINS, dtype=torch.float64, device=device)
+
+    def targets(self) -> list[tuple[str, nn.Module]]:
+        return list(self.sites.items())
+
+    def count(self, index: int, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not isinstance(output, Tensor):
+            return
+        if isinstance(module, PayloadSource):
+            units = module.spike_units(inputs, output).detach()
+            if units.shape != output.shape:
+                raise ValueError(f"site {name}: spike_units returned shape {tuple(units.shape)} for an output of "
+                                 f"shape {tuple(output.shape)}; return one unit count per output entry")
+            mag = units.abs()
+            rows = mag.reshape(mag.shape[0], -1).sum(1, dtype=torch.float64) if mag.dim() else mag.double().view(1)
+            record_units_rows(output, rows)
+            events = torch.count_nonzero(units).to(torch.float64)
+            spikes, largest = rows.sum(), mag.max().to(torch.float64)
+            seen = value_bins(units)
+        elif isinstance(module, SpikeTrainSource):
+            x = inputs[0]
+            events = spikes = torch.as_tensor(module.count_events(inputs, output)[0], dtype=torch.float64)
+            if x.device.type == "cpu":
+                trains = module.spike_trains(x[:1]) if x.dim() else module.spike_trains(x)
+            else:
+                # re-running trains reads values on the host (a synchronisation per call on a GPU):
+                # off the CPU the trains are taken as binary, which the spike-driven check verifies
+                trains = (spikes > 0).to(x.dtype).reshape(1)
+            largest = trains.detach().abs().max().to(torch.float64)
+            seen = value_bins(trains)
+        else:
+            lo, hi = torch.aminmax(output.detach())
+            events = spikes = torch.as_tensor(module.count_events(inputs, output)[0], dtype=torch.float64)
+            largest = torch.maximum(hi.abs(), lo.abs()).to(torch.float64)
+            seen = value_bins(torch.stack([lo, hi]).round())
+        device = self.counts.device
+        self.counts[0, index] += events.to(device)
+        self.counts[1, index] += spikes.to(device)
+        self.counts[2, index] = torch.maximum(self.counts[2, index], largest.to(device))
+        self.seen[index] = torch.maximum(self.seen[index], seen.to(device))
+
+
 class OpCounter(HookCounter):
     """MACs and ACs per layer and per time step.
 
@@ -146,8 +252,8 @@ class OpCounter(HookCounter):
             raise ValueError(f"modules with parameters that the op counter neither counts nor was told to skip: "
                              f"{undeclared[:6]}; give them count_ops(inputs, output), or list them with the reason "
                              f"in the spiking model's uncounted_modules()")
-        # per target: [2, steps] = (MACs, ACs) per step, summed over samples (made on first use,
-        # on the device of the layer's output)
+        # per target: [3, steps] = (MACs, ACs per event, ACs per unit spike) per step, summed over
+        # samples (made on first use, on the device of the layer's output)
         self.layers: dict[str, Tensor] = {}
         self._calls: dict[str, int] = {}
 
@@ -193,47 +299,70 @@ class OpCounter(HookCounter):
         ops = self.layers.get(name)
         if ops is None:
             device = output.device if isinstance(output, Tensor) else "cpu"
-            ops = self.layers[name] = torch.zeros(2, self.steps, dtype=torch.float64, device=device)
+            ops = self.layers[name] = torch.zeros(3, self.steps, dtype=torch.float64, device=device)
         if hasattr(module, "count_ops"):  # OpCounting; hasattr because this runs per call (a Protocol check is slow)
             macs, acs = module.count_ops(inputs, output)
             self._add(ops, 0, macs, step)
             self._add(ops, 1, acs, step)
+            spike = getattr(module, "count_spike_acs", None)  # graded operands: ACs per unit spike
+            self._add(ops, 2, acs if spike is None else spike(inputs, output), step)
         elif id(module) in self._analog:
             dense = dense_macs(module, output)
             if step is None:
                 ops[0] += dense / self.steps  # the same dense call at every step
             else:
                 ops[0, step] += dense
-        elif step is None:
-            ops[1] += synaptic_events(module, inputs[0]).view(self.steps, -1).sum(1)  # [T*B] -> [T]
         else:
-            ops[1, step] += synaptic_events(module, inputs[0]).sum()
+            x = inputs[0]
+            events = synaptic_events(module, x)  # [rows]
+            units = units_per_row(x)  # graded spikes: unit spikes per row (None: binary, spikes = events)
+            if units is not None and not isinstance(module, nn.Linear):
+                raise ValueError(f"layer {name}: graded spikes into a {type(module).__name__} are not counted per "
+                                 "unit spike (only a Linear's fan-out is); give it count_ops")
+            spikes = events if units is None else units.to(events) * module.out_features
+            if step is None:
+                ops[1] += events.view(self.steps, -1).sum(1)  # [T*B] -> [T]
+                ops[2] += spikes.view(self.steps, -1).sum(1)
+            else:
+                ops[1, step] += events.sum()
+                ops[2, step] += spikes.sum()
 
     def new_sample(self) -> None:
         """Start a new simulation (single-step mode counts calls from here)."""
         self._calls.clear()
 
+    def _total(self) -> Tensor:
+        if not self.layers:
+            return torch.zeros(3, self.steps, dtype=torch.float64)
+        dev = next(iter(self.layers.values())).device
+        return torch.stack([t.to(dev) for t in self.layers.values()]).sum(0)
+
     @property
     def per_step(self) -> Tensor:
-        """``[2, steps]``: (MACs, ACs) of each step, summed over layers and samples."""
-        if not self.layers:
-            return torch.zeros(2, self.steps, dtype=torch.float64)
-        devices = {t.device for t in self.layers.values()}
-        dev = next(iter(devices))
-        return torch.stack([t.to(dev) for t in self.layers.values()]).sum(0)
+        """``[2, steps]``: (MACs, ACs) of each step, summed over layers and samples; an event
+        costs one AC per target whatever it carries (the per-event rule)."""
+        return self._total()[:2]
+
+    @property
+    def per_step_spike(self) -> Tensor:
+        """``[steps]``: ACs of each step under the unit-spike rule (an event of ``k`` unit spikes
+        costs ``k`` ACs per target); the MACs are ``per_step[0]`` under both rules."""
+        return self._total()[2]
 
 
 class SimulationCounters:
     """Both counters around the simulations of one spiking model, with one spike-count cache.
 
     ``with SimulationCounters(snn, device) as c: readout = snn(x)`` then ``c.firing.counts``
-    (``[2, sites]``) and ``c.ops.per_step`` (``[2, T]``). A neuron's spikes are counted once for the
+    (``[2, sites]``), ``c.payload.counts`` (``[3, sites]``), ``c.ops.per_step`` (``[2, T]``) and
+    ``c.ops.per_step_spike`` (``[T]``). A neuron's spikes are counted once for the
     firing counter and the op counter of the layer it feeds (:func:`csdlab.snn.counting.counting_cache`,
     alive while the counters are entered).
     """
 
     def __init__(self, snn: Any, device: torch.device | str | None = None) -> None:
         self.firing = FiringCounter(snn.sites(), device=device)
+        self.payload = PayloadCounter(snn.sites(), device=device)
         self.ops = OpCounter(snn, analog=snn.analog_layers(), steps=int(snn.time_steps),
                              time_flattened=snn.time_flattened(), uncounted=snn.uncounted_modules())
         self._stack: ExitStack | None = None
@@ -242,6 +371,7 @@ class SimulationCounters:
         stack = ExitStack()
         stack.enter_context(counting_cache())
         stack.enter_context(self.firing)
+        stack.enter_context(self.payload)  # before the ops: its records serve the layers the sites feed
         stack.enter_context(self.ops)
         self._stack = stack
         return self

@@ -14,9 +14,19 @@ a readout step):
 ``snn/{v}/logit_error[_t{t}]``     mean |SNN logit - reference logit|
 ``snn/{v}/max_logit_diff``         largest |SNN logit - reference logit|
 ``snn/{v}/firing_rate[/{site}]``   spikes per neuron per step (all sites / one site)
-``energy/{v}/ratio[_t{t}]``        E_SNN / E_ANN, ops of steps 1..t (docs/methods.md §3)
-``energy/{v}/snn_macs``, ``_acs``  per image, whole simulation
+``energy/{v}/ratio[_t{t}]``        E_SNN / E_ANN, ops of steps 1..t (docs/methods.md §3); an
+                                   event costs one AC per target whatever it carries (a graded
+                                   spike or a burst counted once: the per-event rule)
+``energy/{v}/ratio_spike[_t{t}]``  the same under the unit-spike rule: an event of k unit
+                                   spikes costs k ACs per target (equal for binary spikes)
+``energy/{v}/snn_macs``, ``_acs``  per image, whole simulation (``_acs_spike``: unit-spike rule)
 ``energy/ann_macs``                dense MACs of one ANN forward, per image
+``payload/{v}/max_units``          the largest value one neuron sent in one step, in unit
+                                   spikes (binary: 1; ECMT level k: 2^k; an STA burst: its size)
+``payload/{v}/bits``               bits an event needs for the values seen at the worst site:
+                                   ceil(log2(distinct values, silence included))
+``payload/{v}/spikes_per_event``   unit spikes / events, all sites
+``payload/{v}/max_units/{site}``   the largest value per site
 ``exit/{v}/top1``, ``/agreement``  with per-image early exit at the calibrated setting
 ``exit/{v}/mean_steps``            readout steps per image with early exit, mean
 ``exit/{v}/steps_t{t}``            share of images that exit after step t (the distribution)
@@ -29,6 +39,9 @@ a readout step):
 ================================  ============================================================
 
 The ``exit/`` figures exist for variants given an exit grid (:mod:`csdlab.eval.exit`).
+
+The payload figures are measured from what the sites sent (:class:`csdlab.eval.counters.PayloadCounter`),
+never taken from the converter's declaration (:meth:`csdlab.eval.api.Converter.payload`).
 """
 
 from __future__ import annotations
@@ -42,10 +55,10 @@ from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from csdlab.eval.api import SpikingModel
-from csdlab.eval.counters import SimulationCounters, ann_macs, energy_ratio
+from csdlab.eval.counters import PAYLOAD_BINS, SimulationCounters, ann_macs, bits_of_values, energy_ratio
 from csdlab.eval.exit import EXIT_RULES, ExitGrid
 
-__all__ = ["VectorSum", "ConversionMetrics", "check_finite"]
+__all__ = ["VectorSum", "VectorMax", "ConversionMetrics", "check_finite"]
 
 
 class VectorSum(Metric):
@@ -62,6 +75,22 @@ class VectorSum(Metric):
 
     def compute(self) -> Tensor:
         return self.total
+
+
+class VectorMax(Metric):
+    """Element-wise maximum of fixed-size non-negative vectors, across ranks too (float64)."""
+
+    full_state_update = False
+
+    def __init__(self, size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("peak", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="max")
+
+    def update(self, values: Tensor) -> None:
+        torch.maximum(self.peak, values.detach().to(self.peak), out=self.peak)
+
+    def compute(self) -> Tensor:
+        return self.peak
 
 
 def check_finite(x: Tensor, what: str = "input batch") -> None:
@@ -108,8 +137,12 @@ class ConversionMetrics(nn.Module):
         self.max_diff = nn.ModuleDict({v: MaxMetric() for v in self.labels})
         # per variant: events per site, then neuron-steps per site
         self.firing = nn.ModuleDict({v: VectorSum(2 * len(self.site_names[v])) for v in self.labels})
-        # per variant: MACs per step, then ACs per step (summed over images)
-        self.ops = nn.ModuleDict({v: VectorSum(2 * self.time_steps[v]) for v in self.labels})
+        # per variant: MACs per step, ACs per step (per event), ACs per step (per unit spike), summed over images
+        self.ops = nn.ModuleDict({v: VectorSum(3 * self.time_steps[v]) for v in self.labels})
+        # per variant: events and unit spikes per site; largest value per site; values seen per site
+        self.payload = nn.ModuleDict({v: VectorSum(2 * len(self.site_names[v])) for v in self.labels})
+        self.payload_max = nn.ModuleDict({v: VectorMax(len(self.site_names[v])) for v in self.labels})
+        self.payload_seen = nn.ModuleDict({v: VectorMax(len(self.site_names[v]) * PAYLOAD_BINS) for v in self.labels})
         self.ann_ops = VectorSum(2)  # ANN MACs, images
         self.exits = dict(exits or {})
         unknown = set(self.exits) - set(self.labels)
@@ -153,8 +186,12 @@ class ConversionMetrics(nn.Module):
         self.agreement[v].update((final.argmax(-1) == ref.argmax(-1)).float())
         self.max_diff[v].update((final - ref).abs().max())
         self.firing[v].update(counters.firing.counts.flatten())
-        per_step = counters.ops.per_step
-        self.ops[v].update(per_step.flatten())
+        ops = counters.ops
+        per_step = ops.per_step
+        self.ops[v].update(torch.cat([per_step.flatten(), ops.per_step_spike.to(per_step)]))
+        self.payload[v].update(counters.payload.counts[:2].flatten())
+        self.payload_max[v].update(counters.payload.counts[2])
+        self.payload_seen[v].update(counters.payload.seen.flatten())
         if v in self.exits:
             self._update_exit(v, readout, y, ref, per_step)
 
@@ -192,13 +229,15 @@ class ConversionMetrics(nn.Module):
             out[f"snn/{v}/firing_rate"] = float(counts[0].sum() / counts[1].sum().clamp(min=1))
             for name, (events, n) in zip(self.site_names[v], counts.T.tolist(), strict=True):
                 out[f"snn/{v}/firing_rate/{name}"] = events / max(n, 1)
-            macs, acs = self.ops[v].compute().view(2, -1)
-            energy = energy_ratio(macs, acs, max(ann_macs_total, 1e-30)).cumsum(0)
-            for t in steps:
-                out[f"energy/{v}/ratio_t{t}"] = float(energy[t - 1])
-            out[f"energy/{v}/ratio"] = float(energy[-1])
+            macs, acs, acs_spike = self.ops[v].compute().view(3, -1)
+            for suffix, ac in (("", acs), ("_spike", acs_spike)):
+                energy = energy_ratio(macs, ac, max(ann_macs_total, 1e-30)).cumsum(0)
+                for t in steps:
+                    out[f"energy/{v}/ratio{suffix}_t{t}"] = float(energy[t - 1])
+                out[f"energy/{v}/ratio{suffix}"] = float(energy[-1])
+                out[f"energy/{v}/snn_acs{suffix}"] = float(ac.sum()) / max(images, 1)
             out[f"energy/{v}/snn_macs"] = float(macs.sum()) / max(images, 1)
-            out[f"energy/{v}/snn_acs"] = float(acs.sum()) / max(images, 1)
+            out.update(self._payload(v))
             if v in self.exits:
                 out.update(self._exit_figures(v, images, max(ann_macs_total, 1e-30)))
         return out
@@ -223,4 +262,15 @@ class ConversionMetrics(nn.Module):
                 out[f"exit/{v}/{rule}/threshold_s{i}"] = float(grid.thresholds[s])
                 for f, values in curve.items():
                     out[f"exit/{v}/{rule}/{f}_s{i}"] = float(values[s])
+        return out
+
+    def _payload(self, v: str) -> dict[str, float]:
+        events, spikes = self.payload[v].compute().view(2, -1)
+        peak = self.payload_max[v].compute().reshape(-1)
+        seen = self.payload_seen[v].compute().view(len(self.site_names[v]), PAYLOAD_BINS)
+        out = {f"payload/{v}/max_units": float(peak.max()) if peak.numel() else 0.0,
+               f"payload/{v}/bits": float(max((bits_of_values(s) for s in seen), default=1)),
+               f"payload/{v}/spikes_per_event": float(spikes.sum() / events.sum().clamp(min=1))}
+        for name, k in zip(self.site_names[v], peak.tolist(), strict=True):
+            out[f"payload/{v}/max_units/{name}"] = k
         return out

@@ -180,7 +180,10 @@ class ConversionEvaluation(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         figures = self.metrics.compute()
+        declared = self.converter.payload()
         self.results = {"method": self.converter.name, "figures": figures, "calibration": self.calibration,
+                        "payload_declared": {"kind": declared.kind, "max_units": declared.max_units,
+                                             "values": declared.values, "bits": declared.bits},
                         "variants": {v: {"time_steps": int(s.time_steps), "latency": int(s.latency),
                                          "readout_steps": list(s.readout_steps)}
                                      for v, s in self.variants().items()}}

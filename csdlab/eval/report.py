@@ -19,8 +19,8 @@ from csdlab.eval.plots import format_table, plot_bars, plot_curves, write_json
 from csdlab.eval.checks import spike_driven_check
 from csdlab.eval.exit import EXIT_RULES
 
-__all__ = ["summary_table", "steps_table", "exit_table", "exit_curve_table", "plot_exit", "write_report",
-           "plot_report", "log_images", "run_folder", "ConversionReport"]
+__all__ = ["summary_table", "payload_cell", "steps_table", "exit_table", "exit_curve_table", "plot_exit",
+           "write_report", "plot_report", "log_images", "run_folder", "ConversionReport"]
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,24 @@ def summary_table(results: Mapping[str, Any], reference_name: str = "ANN") -> st
     f, variants = results["figures"], results["variants"]
     rows: list[list[Any]] = []
     if "ann/top1" in f:
-        rows.append(["ANN (float)", "-", _pct(f["ann/top1"]), "-", "-", "-", "-", "1.000"])
-    rows.append([reference_name, "-", _pct(f["ref/top1"]), "100.00", "0", "0", "-", "1.000"])
+        rows.append(["ANN (float)", "-", _pct(f["ann/top1"]), "-", "-", "-", "-", "-", "1.000", "1.000"])
+    rows.append([reference_name, "-", _pct(f["ref/top1"]), "100.00", "0", "0", "-", "-", "1.000", "1.000"])
     for v, meta in variants.items():
         rows.append([f"SNN {v}", meta["latency"], _pct(f[f"snn/{v}/top1"]), _pct(f[f"snn/{v}/agreement"]),
                      f"{f[f'snn/{v}/logit_error']:.4f}", f"{f[f'snn/{v}/max_logit_diff']:.3g}",
-                     f"{f[f'snn/{v}/firing_rate']:.3f}", f"{f[f'energy/{v}/ratio']:.3f}"])
+                     f"{f[f'snn/{v}/firing_rate']:.3f}", payload_cell(f, v),
+                     f"{f[f'energy/{v}/ratio']:.3f}", f"{f[f'energy/{v}/ratio_spike']:.3f}"])
     return format_table(rows, ["model", "steps", "top-1 (%)", f"agreement with {reference_name} (%)",
-                               "mean abs logit error", "max abs logit diff", "firing rate", "energy vs ANN"])
+                               "mean abs logit error", "max abs logit diff", "firing rate",
+                               "payload: bits (largest value, spikes / event)",
+                               "energy vs ANN, per event", "energy vs ANN, per unit spike"])
+
+
+def payload_cell(f: Mapping[str, float], v: str) -> str:
+    """``8 (112, 8.5)``: the measured payload bits, the largest value one neuron sent in one step
+    and the unit spikes per event (a binary payload: ``1 (1, 1.0)``)."""
+    return (f"{f[f'payload/{v}/bits']:.0f} ({f[f'payload/{v}/max_units']:.0f}, "
+            f"{f[f'payload/{v}/spikes_per_event']:.2f})")
 
 
 def steps_table(results: Mapping[str, Any]) -> str | None:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["count_spikes", "nonzero_per_row", "record_nonzero_rows", "counting_cache", "counting_active", "CountCache",
+           "record_units_rows", "units_per_row",
            "conv_cover",
            "synaptic_events", "bincount_below"]
 
@@ -73,6 +74,9 @@ class CountCache:
         # id(tensor) -> [weak reference to it, its per-row counts once first asked for (None before)]
         self.records: dict[int, list[Any]] = {}
         self.scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        # storage of a graded spike tensor -> [weak reference to it, its unit spikes per row]: found
+        # again from a view of it (ECMT's k^T), as the spike-driven check finds its spike sources
+        self.units: dict[tuple[int, str], list[Any]] = {}
 
     def record(self, x: Tensor) -> None:
         key = id(x)
@@ -118,6 +122,7 @@ def counting_cache() -> Iterator[CountCache]:
         _ACTIVE.reset(token)
         cache.records.clear()
         cache.scratch.clear()
+        cache.units.clear()
 
 
 def counting_active() -> bool:
@@ -137,6 +142,36 @@ def record_nonzero_rows(x: Tensor) -> None:
     cache = _ACTIVE.get()
     if cache is not None:
         cache.record(x)
+
+
+def _storage_key(x: Tensor) -> tuple[int, str]:
+    return x.untyped_storage().data_ptr(), str(x.device)
+
+
+def record_units_rows(x: Tensor, units: Tensor) -> None:
+    """Record, while counters are counting, that the graded spike tensor ``x`` carries ``units``
+    unit spikes per row (dim 0, ``[x.shape[0]]``): the op counter then charges a layer fed by ``x``
+    (or by a view of it with the same rows) per unit spike under the unit-spike rule. The payload
+    counter records every graded site; a binary tensor needs no record (its spikes are its events).
+    The producer promises ``x`` is not modified afterwards; the record goes with ``x``."""
+    cache = _ACTIVE.get()
+    if cache is None:
+        return
+    key = _storage_key(x)
+    cache.units[key] = [weakref.ref(x, lambda _ref, key=key: cache.units.pop(key, None)), units, x.shape[0],
+                        x.numel()]
+
+
+def units_per_row(x: Tensor) -> Tensor | None:
+    """Unit spikes per row of ``x`` (``[x.shape[0]]`` float64) if ``x`` or a same-size view of it
+    was recorded by :func:`record_units_rows`, else None (the caller counts non-zero entries)."""
+    cache = _ACTIVE.get()
+    if cache is None or not cache.units:
+        return None
+    record = cache.units.get(_storage_key(x))
+    if record is None or record[0]() is None or record[2] != x.shape[0] or record[3] != x.numel():
+        return None
+    return record[1]
 
 
 def nonzero_per_row(x: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from csdlab.snn.counting import nonzero_per_row
+from csdlab.snn.counting import nonzero_per_row, units_per_row
 from csdlab.snn.tdec import cumsum_steps
 from csdlab.snn.timeflat import TimeFlatModule
 
@@ -45,6 +45,16 @@ def nonzero_per_step(x: Tensor, steps: int) -> Tensor:
     if x.shape[0] % steps:
         return nonzero_per_row(x.reshape(steps, -1))
     return nonzero_per_row(x).view(steps, -1).sum(1)
+
+
+def units_per_step(x: Tensor, steps: int) -> Tensor:
+    """Unit spikes in each of the ``steps`` equal parts of ``x`` along dim 0 (float64 ``[steps]``):
+    the payload counter's record of ``x`` (:func:`csdlab.snn.counting.units_per_row`), or its
+    non-zero entries when there is none (binary spikes: one unit each)."""
+    units = units_per_row(x)
+    if units is None:
+        return nonzero_per_step(x, steps)
+    return units.view(steps, -1).sum(1) if x.shape[0] % steps == 0 else units.sum().expand(1)
 
 
 def _check_state(module: TimeFlatModule, t0: int, kept: object) -> None:
@@ -199,7 +209,7 @@ class ECMatMul(TimeFlatModule):
 
         Returns:
             0-d float64 tensors after a single-step call; after a multi-step call of ``T`` steps,
-            two float64 tensors ``[T]`` (one entry per step, event fractions measured per step).
+            float64 tensors ``[T]`` (one entry per step, event fractions measured per step).
         """
         a, b = inputs[:2]
         n, p, m = a.shape[-2], a.shape[-1], b.shape[-1]
@@ -208,22 +218,42 @@ class ECMatMul(TimeFlatModule):
             # float64 tensors on the device (one call per step: no host synchronisation there)
             eta_a = torch.count_nonzero(a).double() / a.numel()
             eta_b = torch.count_nonzero(b).double() / b.numel()
-            if self.t <= 1:
-                acs = eta_a * eta_b * n * p * m + n * m
-                macs = torch.minimum(eta_a, eta_b) * n * m + n * m
-            else:
-                acs = (eta_a * eta_b + eta_a + eta_b) * n * p * m + 3 * n * m
-                macs = (torch.minimum(eta_a, eta_b) + eta_a + eta_b) * n * m + n * m
+            first = self.t <= 1
+            acs = self._acs(eta_a, eta_b, n, p, m, first)
+            macs = (torch.minimum(eta_a, eta_b) * n * m + n * m if first
+                    else (torch.minimum(eta_a, eta_b) + eta_a + eta_b) * n * m + n * m)
             return macs * batch, acs * batch
         steps = self.steps_per_call(a)
         batch = output.numel() / (steps * n * m)
         eta_a = nonzero_per_step(a, steps) / (a.numel() / steps)
         eta_b = nonzero_per_step(b, steps) / (b.numel() / steps)
         first = torch.arange(self.t - steps + 1, self.t + 1, device=eta_a.device) <= 1
-        both, low = eta_a * eta_b, torch.minimum(eta_a, eta_b)
-        acs = torch.where(first, both * n * p * m + n * m, (both + eta_a + eta_b) * n * p * m + 3 * n * m)
+        low = torch.minimum(eta_a, eta_b)
         macs = torch.where(first, low * n * m + n * m, (low + eta_a + eta_b) * n * m + n * m)
-        return macs * batch, acs * batch
+        return macs * batch, self._acs(eta_a, eta_b, n, p, m, first) * batch
+
+    def count_spike_acs(self, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        """The ACs of :meth:`count_ops` under the unit-spike rule: the event fractions replaced by
+        unit spikes per entry (a spike at level ``2^k`` is ``2^k`` additions, :func:`units_per_step`)."""
+        a, b = inputs[:2]
+        n, p, m = a.shape[-2], a.shape[-1], b.shape[-1]
+        if self.step_mode == "s":
+            u_a, u_b = (units_per_step(v, 1)[0] / v.numel() for v in (a, b))
+            return self._acs(u_a, u_b, n, p, m, self.t <= 1) * (output.numel() / (n * m))
+        steps = self.steps_per_call(a)
+        u_a = units_per_step(a, steps) / (a.numel() / steps)
+        u_b = units_per_step(b, steps) / (b.numel() / steps)
+        first = torch.arange(self.t - steps + 1, self.t + 1, device=u_a.device) <= 1
+        return self._acs(u_a, u_b, n, p, m, first) * (output.numel() / (steps * n * m))
+
+    @staticmethod
+    def _acs(da: Tensor, db: Tensor, n: int, p: int, m: int, first: Tensor | bool) -> Tensor:
+        """Eq. 43's ACs for operand densities ``da``, ``db`` (events per entry: the per-event rule;
+        unit spikes per entry: the unit-spike rule, a spike of level ``2^k`` being ``2^k`` additions)."""
+        later = (da * db + da + db) * n * p * m + 3 * n * m
+        if isinstance(first, bool):
+            return da * db * n * p * m + n * m if first else later
+        return torch.where(first, da * db * n * p * m + n * m, later)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}"

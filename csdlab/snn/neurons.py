@@ -233,6 +233,13 @@ class MTNeuron(TimeFlatModule):
         zero = torch.zeros(1, dtype=dtype, device=device)
         return torch.cat([zero, powers * (half_sum + half_diff), powers * (-half_sum + half_diff)])
 
+    def spike_units(self, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        """Unit spikes per output entry (the payload counter, :class:`csdlab.eval.api.PayloadSource`):
+        ``+-2^k`` for a spike at level k (``th 2^k`` is ``2^k`` spikes of the base threshold), 0 for
+        silence."""
+        th1, th2 = self.th1.to(output.dtype), self.th2.to(output.dtype)
+        return torch.where(output >= 0, output / th1, output / th2).round_()
+
     def count_events(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, int]:
         """Spikes (non-zero outputs: at most one per neuron and step) and neuron-steps of the call
         that produced ``output``. A multi-step output is counted once, per row, for every counter

@@ -4,7 +4,8 @@ every model in its registry: a converter added to ``csdlab.convert`` is tested h
 For each: the readout has one row per readout step; every parameterised module is counted or
 declared (the counters raise otherwise); the reference network is left untouched; calibration in
 two processes (simulated by two threads sharing an all-reduce) equals one process; the spike-driven
-check's verdict on the converted variants equals the converter's declared ``spike_driven``.
+check's verdict on the converted variants equals the converter's declared ``spike_driven``; the
+payload the evaluation measures stays within the converter's declared payload.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 import csdlab.convert  # noqa: F401  registers every converter
 import csdlab.models  # noqa: F401  registers csdformer_* with timm
-from csdlab.eval.api import CONVERTERS, Converter
+from csdlab.eval.api import CONVERTERS, Converter, Payload
 from csdlab.eval.checks import spike_driven_check
 from csdlab.eval.counters import SimulationCounters
 from csdlab.quant.lsq import ActQuantizer
@@ -107,6 +108,25 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _check_payload(label: str, declared: Payload, counters: SimulationCounters) -> None:
+    """The measured payload (largest value, bits of the values seen) within the declaration; unit
+    spikes at least the events; equal rules for binary spikes."""
+    from csdlab.eval.counters import bits_of_values
+
+    assert isinstance(declared, Payload), f"{label}: payload() must return a csdlab.eval.api.Payload"
+    events, spikes, largest = counters.payload.counts
+    assert float(largest.max()) >= 1, f"{label}: no site sent a spike"
+    assert bool((spikes >= events).all())
+    if declared.max_units is not None:
+        assert float(largest.max()) <= declared.max_units, f"{label}: sent {float(largest.max())} > declared {declared}"
+        assert max(bits_of_values(s) for s in counters.payload.seen) <= declared.bits, label
+    spike_acs, event_acs = counters.ops.per_step_spike.sum(), counters.ops.per_step[1].sum()
+    assert spike_acs >= event_acs - 1e-6 * event_acs
+    if declared.kind == "binary":
+        assert float(largest.max()) == 1 and torch.equal(spikes, events)
+        torch.testing.assert_close(spike_acs, event_acs)
+
+
 def test_contract(case) -> None:
     cls, model, batches = case
     before, types = _state(model), [type(m) for m in model.modules()]
@@ -125,6 +145,7 @@ def test_contract(case) -> None:
         assert snn.readout_steps[-1] <= snn.latency and int(snn.time_steps) >= 1
         assert counters.firing.counts[1].gt(0).all(), f"{label}: a neuron site never ran"
         assert counters.ops.per_step.sum() > 0
+        _check_payload(label, conv.payload(), counters)
         report = spike_driven_check(snn, lambda s: s(x), exempt=snn.analog_layers())
         assert report.ok is cls.spike_driven, f"{label}: declared spike_driven={cls.spike_driven}; {report.summary()}"
     # the reference network is untouched: same modules, same values
