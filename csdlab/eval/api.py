@@ -156,9 +156,14 @@ class SpikingModel(nn.Module, ABC):
     time_steps: int
     readout_steps: list[int]
 
-    def __init__(self, time_steps: int, readout_steps: Sequence[int] | None = None) -> None:
-        """``readout_steps`` defaults to every step ``1..time_steps`` (an anytime readout)."""
+    def __init__(self, time_steps: int | None = None, readout_steps: Sequence[int] | None = None) -> None:
+        """``readout_steps`` defaults to every step ``1..time_steps`` (an anytime readout); either may
+        come from class attributes of the subclass instead."""
         super().__init__()
+        if time_steps is None:
+            time_steps = getattr(type(self), "time_steps", None)
+        if readout_steps is None:
+            readout_steps = getattr(type(self), "readout_steps", None)
         if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
             raise ValueError(f"T (time steps) must be an integer >= 1, got {time_steps!r}")
         steps = list(range(1, time_steps + 1)) if readout_steps is None else [int(t) for t in readout_steps]
