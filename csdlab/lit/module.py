@@ -53,7 +53,7 @@ class ClassificationModule(L.LightningModule):
         cutmix_alpha: CutMix alpha (0 disables).
         mixup_switch_prob: probability of CutMix instead of Mixup when both are enabled.
         init_from: a csdlab training checkpoint of the same model (name and kwargs) whose weights
-            start this run; optimizer, schedule and epoch counter start afresh. For a second
+            start this run (loaded when ``fit`` sets up); optimizer, schedule and epoch counter start afresh. For a second
             training stage (a fine-tune with a new schedule); to continue an interrupted run use
             ``--ckpt_path last`` instead.
     """
@@ -71,8 +71,7 @@ class ClassificationModule(L.LightningModule):
         # init_from is not a property of the model: a checkpoint loaded later must not re-read it
         self.save_hyperparameters(ignore=["init_from"])
         self.model = build_model(model_name, model_kwargs, pretrained)
-        if init_from is not None:
-            self._load_initial_weights(init_from)
+        self.init_from = init_from  # loaded when fit starts (setup), so a config parses anywhere
         self.num_classes = self.model.num_classes
         from csdlab.lit.data import model_input_size
 
@@ -107,6 +106,10 @@ class ClassificationModule(L.LightningModule):
         return self.model(x)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from is not None:
+            # before the optimizer is built; a resumed run (--ckpt_path) then overrides these weights
+            self._load_initial_weights(self.init_from)
+            self.init_from = None
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         n_data = getattr(dm, "num_classes", None)
         if n_data is not None and n_data != self.num_classes:

@@ -15,6 +15,8 @@ def results():
     figures = {"ann/top1": 0.875, "ref/top1": 0.875,
                "snn/T2/top1": 0.5, "snn/T2/agreement": 0.5625, "snn/T2/logit_error": 0.25,
                "snn/T2/max_logit_diff": 3.0, "snn/T2/firing_rate": 0.125, "energy/T2/ratio": 0.75,
+               "energy/T2/ratio_spike": 1.5, "payload/T2/bits": 3.0, "payload/T2/max_units": 4.0,
+               "payload/T2/spikes_per_event": 2.0,
                "snn/T2/top1_t1": 0.25, "snn/T2/top1_t2": 0.5,
                "snn/T2/logit_error_t1": 0.5, "snn/T2/logit_error_t2": 0.25,
                "energy/T2/ratio_t1": 0.375, "energy/T2/ratio_t2": 0.75,
@@ -33,8 +35,8 @@ def test_summary_prints_percent_from_fractions(results):
     header, ann, ref, snn = _rows(summary_table(results))
     assert header[:3] == ["model", "steps", "top-1 (%)"]
     assert float(ann[2]) == pytest.approx(87.5) and float(ref[2]) == pytest.approx(87.5)
-    assert snn[0] == "SNN T2" and snn[1] == "2"
-    assert [float(c) for c in snn[2:]] == pytest.approx([50.0, 56.25, 0.25, 3.0, 0.125, 0.75])
+    assert snn[0] == "SNN T2" and snn[1] == "2" and snn[7] == "3 (4, 2.00)"  # bits (largest value, spikes / event)
+    assert [float(c) for c in snn[2:7] + snn[8:]] == pytest.approx([50.0, 56.25, 0.25, 3.0, 0.125, 0.75, 1.5])
 
 
 def test_steps_table_has_one_row_per_readout(results):

@@ -66,8 +66,10 @@ def test_init_from_starts_from_the_checkpoint_weights_and_refuses_another_model(
     path, module = tiny_ckpt
     torch.manual_seed(1)  # a fresh init would differ from the checkpoint's
     stage2 = ClassificationModule("csdformer_tiny", TINY, init_from=str(path))
+    stage2.setup("fit")
     for (name, a), b in zip(stage2.model.state_dict().items(), module.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert "init_from" not in stage2.hparams  # a checkpoint of stage 2 does not depend on stage 1's file
+    other = ClassificationModule("csdformer_tiny", {**TINY, "img_size": 32}, init_from=str(path))
     with pytest.raises(ValueError, match="model_kwargs"):
-        ClassificationModule("csdformer_tiny", {**TINY, "img_size": 32}, init_from=str(path))
+        other.setup("fit")
