@@ -59,13 +59,13 @@ def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _figure(width: float = 5.0, height: float = 3.5) -> tuple[Any, Any]:
+def _figure(width: float = 5.0, height: float = 3.5, ncols: int = 1) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height), constrained_layout=True)
+    return plt.subplots(1, ncols, figsize=(width, height), constrained_layout=True)
 
 
 def _save(fig: Any, path: str | Path) -> Path:
