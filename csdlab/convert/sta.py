@@ -554,6 +554,7 @@ class STAConverter(Converter):
     """
 
     name = "sta"
+    origin = "spikingjelly"
     # the encoders send bursts of unbounded size and the attention products run on floating point
     # inside the recipe's modules: the spike-driven check fails it (docs/peers.md)
     spike_driven = False

@@ -237,6 +237,9 @@ class Converter(ABC):
     #: whether calibrating on N processes (sums through ``all_reduce``) gives the constants of one
     #: process calibrating on all the images; every process must end with the same constants either way
     calibration_is_exact_across_processes: bool = True
+    #: where the method comes from: ``"csdlab"``, or the library whose recipe a peer converter wraps
+    #: (``convert.py compare`` states, for every peer row, the csdlab row that meets it)
+    origin: str = "csdlab"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -41,7 +41,10 @@ __all__ = [
     "build_converter",
     "compare",
     "comparison_table",
+    "meets",
     "parse_method",
+    "peer_answers",
+    "peer_answers_table",
     "plot_comparison",
     "time_side_by_side",
 ]
@@ -209,6 +212,7 @@ def compare(methods: list[str], checkpoint: str | None = None, Ts: list[int] = [
             row: dict[str, Any] = {"method": spec.label, "T": T}
             try:
                 converter = build_converter(spec, T)
+                row["origin"] = converter.origin
             except ValueError as e:  # a T the method has no parameters for
                 log.warning("%s at T = %d: %s", spec.label, T, e)
                 rows.append({**row, "skipped": str(e)})
@@ -228,12 +232,14 @@ def compare(methods: list[str], checkpoint: str | None = None, Ts: list[int] = [
            "methods": [{"label": s.label, "config": s.config, "class_path": s.class_path, "init_args": s.init_args}
                        for s in specs], "timing": {"images": timing_images, "repeats": timing_repeats}}
     table = comparison_table(out)
-    (folder / "comparison.md").write_text(table + "\n")
+    out["answers"] = peer_answers(rows)
+    answers = peer_answers_table(out["answers"])
+    (folder / "comparison.md").write_text(table + "\n" + (f"\n{answers}\n" if answers else ""))
     out["table"] = table
     out["plots"] = plot_comparison(out, folder)
     write_json(out, folder / "comparison.json")
-    log.info("comparison on %s, %d images (ANN top-1 %.2f %%):\n%s", checkpoint, int(ann.get("samples", 0)),
-             100 * ann.get("top1", float("nan")), table)
+    log.info("comparison on %s, %d images (ANN top-1 %.2f %%):\n%s%s", checkpoint, int(ann.get("samples", 0)),
+             100 * ann.get("top1", float("nan")), table, f"\n\n{answers}" if answers else "")
     log.info("wrote %s", folder)
     return out
 
@@ -258,6 +264,42 @@ def comparison_table(out: Mapping[str, Any]) -> str:
                      f"{r['payload_bits']:.0f} ({r['max_units']:.0f})", f"{r['spikes_per_event']:.2f}",
                      f"{r['energy_event']:.3f}", f"{r['energy_spike']:.3f}", f"{r['sim_over_ann']:.1f}"])
     return format_table(body, header)
+
+
+#: a csdlab row meets a peer row when it is at least as good in every one of these (same rule each)
+_AT_MOST = ("payload_bits", "energy_event", "energy_spike", "sim_over_ann")
+
+
+def meets(row: Mapping[str, Any], peer: Mapping[str, Any]) -> bool:
+    """``row`` is at least as accurate as ``peer`` with no larger payload, no more energy under either
+    counting rule and no longer simulation (its own side-by-side ratio)."""
+    return row["top1"] >= peer["top1"] and all(row[k] <= peer[k] for k in _AT_MOST)
+
+
+def peer_answers(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For every row of a peer method (a converter whose ``origin`` is not csdlab), the csdlab row that
+    meets it (:func:`meets`) at the least energy per event, or ``None``: the claim a comparison is run
+    to check, stated row by row. Rows without an ``origin`` (older comparisons) count as csdlab's."""
+    done = [r for r in rows if "skipped" not in r]
+    ours = [r for r in done if r.get("origin", "csdlab") == "csdlab"]
+    out = []
+    for peer in (r for r in done if r.get("origin", "csdlab") != "csdlab"):
+        met = [r for r in ours if meets(r, peer)]
+        best = min(met, key=lambda r: (r["energy_event"], r["energy_spike"])) if met else None
+        out.append({"peer": {k: peer[k] for k in ("method", "T", "variant") if k in peer},
+                    "met_by": None if best is None else {k: best[k] for k in ("method", "T", "variant") if k in best}})
+    return out
+
+
+def peer_answers_table(answers: list[Mapping[str, Any]]) -> str:
+    """Markdown: each peer row and the csdlab row that meets it (empty string: no peer rows)."""
+    if not answers:
+        return ""
+    body = [[f"{a['peer']['method']} T = {a['peer']['T']}",
+             "not met" if a["met_by"] is None else f"{a['met_by']['method']} T = {a['met_by']['T']}"]
+            for a in answers]
+    return format_table(body, ["peer row", "csdlab row at least as accurate, no more bits, energy (both rules) "
+                                           "or simulation time"])
 
 
 def plot_comparison(out: Mapping[str, Any], folder: str | Path) -> list[Path]:
