@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--ecmt-T", type=int, default=16, help="ECMT steps simulated (readout after each)")
     p.add_argument("--mbe-Ts", type=int, nargs="+", default=[2, 3, 4, 8, 16],
                    help="MBE variants (fitted tables are shipped for T = 2, 3, 4, 8, 10, 12, 16)")
-    p.add_argument("--exit-tolerance", type=float, default=0.003, help="early exit: calibration target (fraction)")
+    p.add_argument("--exit-tolerance", type=float, default=0.001, help="early exit: calibration target (fraction)")
     p.add_argument("--exit-images", type=int, default=2000, help="early exit: held-out training images")
     p.add_argument("--batch", type=int, default=64, help="images per timed simulation")
     p.add_argument("--data-dir", default="data")

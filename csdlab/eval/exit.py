@@ -141,7 +141,7 @@ class EarlyExit:
             scores); ``stable`` takes every k = 1..R.
     """
 
-    def __init__(self, rule: str = "auto", tolerance: float = 0.003, grid: int = 40) -> None:
+    def __init__(self, rule: str = "auto", tolerance: float = 0.001, grid: int = 40) -> None:
         if rule not in EXIT_RULES + ("auto",):
             raise ValueError(f"early_exit must be one of {EXIT_RULES + ('auto',)} (or None: no early exit), "
                              f"got {rule!r}")

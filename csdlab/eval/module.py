@@ -59,7 +59,7 @@ class ConversionEvaluation(L.LightningModule):
     def __init__(self, converter: Converter, checkpoint: str | None = None, model_name: str | None = None,
                  pretrained: bool = False, model_kwargs: dict[str, Any] | None = None,
                  ann_checkpoint: str | None = None, float64: bool = False, early_exit: str | None = None,
-                 exit_tolerance: float = 0.003, exit_grid: int = 40) -> None:
+                 exit_tolerance: float = 0.001, exit_grid: int = 40) -> None:
         super().__init__()
         self.converter = converter
         # checked here, before the model is read: a bad option fails at once
