@@ -162,6 +162,9 @@ class PayloadCounter(HookCounter):
     * a :class:`~csdlab.eval.api.SpikeTrainSource` (MBE) is read through its trains, on the first
       row of each call (re-running the trains of every input would cost a second simulation): the
       largest entry and the values; its events and spikes are its ``count_events`` (binary trains).
+      A site with ``train_values(x)`` (MBE's table neurons: the smallest and largest train entry of
+      each element, recorded per interval when the table enumerated the trains) is read through
+      those instead of rerunning its ``T`` steps;
       On the CPU only: off it the trains are taken as binary (the spike-driven check reruns them);
     * any other site must output unit counts itself (0 / 1): its largest |entry| is measured (a
       value above 1 shows up as a larger payload), its events are its ``count_events``.
@@ -200,7 +203,10 @@ class PayloadCounter(HookCounter):
             x = inputs[0]
             events = spikes = torch.as_tensor(module.count_events(inputs, output)[0], dtype=torch.float64)
             if x.device.type == "cpu":
-                trains = module.spike_trains(x[:1]) if x.dim() else module.spike_trains(x)
+                first = x[:1] if x.dim() else x
+                # the values its trains hold (a neuron with an exact table reads them from it)
+                reader = getattr(module, "train_values", None)
+                trains = module.spike_trains(first) if reader is None else reader(first)
             else:
                 # re-running trains reads values on the host (a synchronisation per call on a GPU):
                 # off the CPU the trains are taken as binary, which the spike-driven check verifies

@@ -203,6 +203,9 @@ class MBETable:
     cells: Tensor | None = None
     geom: Tensor | None = None
     sub_grids: bool = False
+    # [K + 1, 2]: the smallest and the largest entry s_n(t) of the trains of each interval (all
+    # bases and steps), recorded while enumerating them: what the payload counter measures
+    extremes: Tensor | None = None
 
     def index(self, z: Tensor) -> Tensor:
         """Interval index of every ``z`` (``torch.bucketize(z, bounds, right=True)``)."""
@@ -488,13 +491,16 @@ def _with_cells(tab: MBETable, max_cells: int = MAX_RECORD_CELLS) -> MBETable:
 
 
 def _basis_intervals(theta: Tensor, reset: Tensor, intensity: Tensor, delta: Tensor) -> tuple[Tensor, ...]:
-    """Enumerate the spike-pattern intervals of one basis: ``(left ends, o, spike counts)``."""
+    """Enumerate the spike-pattern intervals of one basis: ``(left ends, o, spike counts, [smallest,
+    largest] train entry)``."""
     dt = theta.dtype
     lo = torch.full((1,), -math.inf, dtype=dt)
     hi = torch.full((1,), math.inf, dtype=dt)
     acc = torch.zeros(1, dtype=dt)
     out = torch.zeros(1, dtype=dt)
     cnt = torch.zeros(1, dtype=torch.int32)
+    low = torch.full((1,), math.inf, dtype=dt)  # smallest / largest train entry s(t) of the interval
+    high = torch.full((1,), -math.inf, dtype=dt)
     for t in range(theta.shape[0]):
         level = (theta[t] + acc) - delta  # same expression as run_steps
         all_fire = level <= lo
@@ -513,9 +519,10 @@ def _basis_intervals(theta: Tensor, reset: Tensor, intensity: Tensor, delta: Ten
         acc = acc[idx] + s * reset[t]  # same expressions as run_steps (adding 0 is exact)
         out = out[idx] + s * intensity[t]
         cnt = cnt[idx] + fire.int()
+        low, high = torch.minimum(low[idx], s), torch.maximum(high[idx], s)
         if len(lo) > MAX_TABLE_INTERVALS:
             raise OverflowError(f"MBE table exceeds {MAX_TABLE_INTERVALS} intervals")
-    return lo, out, cnt
+    return lo, out, cnt, torch.stack([low, high], 1)
 
 
 class MBECode:
@@ -630,20 +637,24 @@ class MBECode:
             bounds = torch.unique(torch.cat(cuts))  # sorted
             left = torch.cat([bounds.new_full((1,), -math.inf), bounds])
             groups, spikes = [], torch.zeros(len(left), dtype=torch.int32)
+            extremes = torch.tensor([[math.inf, -math.inf]], dtype=dtype).expand(len(left), 2)
             for sgn in (1.0, -1.0):
                 acc = None
                 for n in range(self.N):
                     if float(sign[n]) != sgn:
                         continue
-                    lo, out, cnt = per[n]
+                    lo, out, cnt, ext = per[n]
                     j = torch.bucketize(left if sgn > 0 else -left, lo[1:], right=True)
                     term = weight[n] * out[j]  # same order and expressions as run_steps
                     acc = term if acc is None else acc + term
                     spikes += cnt[j]
+                    extremes = torch.stack([torch.minimum(extremes[:, 0], ext[j, 0]),
+                                            torch.maximum(extremes[:, 1], ext[j, 1])], 1)
                 if acc is not None:
                     groups.append(acc)
             values = groups[0] if len(groups) == 1 else groups[0] + groups[1]
             tab = _with_cells(_with_grid(MBETable(bounds.contiguous(), values, spikes, values + bias)))
+            tab = replace(tab, extremes=extremes.contiguous())
             self._tables[key] = MBETable(**{f.name: _to(getattr(tab, f.name), device) for f in fields(tab)})
         return self._tables[key]
 
@@ -827,6 +838,17 @@ class MBENeuron(base.MemoryModule):
         if record is not None and record[0]() is x:
             return record[1]
         return self.code(self.normalise(x), exact_table=self.fast)[1]
+
+    def train_values(self, x: Tensor) -> Tensor:
+        """The smallest and the largest entry of the trains :meth:`spike_trains` gives for every
+        element of ``x`` (``[numel, 2]``): read from the table's record of each interval (the trains
+        enumerated when it was built), so the payload counter measures what the neurons send without
+        rerunning their ``T`` steps (the step path reduces its trains)."""
+        tab = self.code.table(x.dtype, x.device) if self.fast and not self.exact else None
+        if tab is None or tab.extremes is None:
+            trains = self.spike_trains(x).flatten(0, 1)
+            return torch.stack([trains.amin(0), trains.amax(0)], -1).reshape(-1, 2)
+        return tab.extremes.index_select(0, tab.index(self.normalise(x)).reshape(-1))
 
     def spike_total(self, x: Tensor) -> Tensor:
         """All spikes for input ``x`` (bases, steps, elements): a 0-d float64 tensor on its device,

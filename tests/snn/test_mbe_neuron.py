@@ -169,6 +169,23 @@ def test_table_neuron_equals_step_by_step_at_breakpoints(primitive, T, N, dtype)
     assert torch.equal(table.spike_counts(x), steps.spike_counts(x))
 
 
+@pytest.mark.parametrize(("primitive", "T", "N"), [("identity", 16, 8), ("gelu", 16, 4), ("exp2", 8, 8),
+                                                    ("identity", 3, 8)])
+def test_train_values_are_the_trains_extremes(primitive, T, N):
+    """What the payload counter reads from a table neuron (each element's smallest and largest
+    train entry, recorded per interval) is what the step-by-step trains hold, at and just below
+    breakpoints and on a spread."""
+    code = load_code(primitive, T, N)
+    bounds = code.table(torch.float32, "cpu").bounds
+    z = _edge_inputs(bounds[:: max(1, len(bounds) // 3000)], torch.Generator().manual_seed(7))
+    x = (z[torch.isfinite(z)] + code.x0).view(-1, 2)
+    trains = MBENeuron(code, fast=False).spike_trains(x).flatten(0, 1)  # [T N, *x.shape]
+    expected = torch.stack([trains.amin(0), trains.amax(0)], -1).reshape(-1, 2)
+    assert torch.equal(MBENeuron(code).train_values(x), expected)
+    assert torch.equal(MBENeuron(code, fast=False).train_values(x), expected)
+    assert set(expected.unique().tolist()) == {0.0, 1.0}  # binary: silent and firing entries both occur
+
+
 def test_nan_unchanged():
     """NaN is refused by the evaluation (check_finite); inside a neuron the table path raises on it
     (an out-of-range interval), the step path fires nothing."""
