@@ -40,6 +40,26 @@ __all__ = ["MBEProduct", "MBESoftmax", "MBELayerNorm", "MBELinear", "ANDProduct"
 LOG2E = 1.0 / math.log(2.0)
 
 
+def _exp2_is_exact() -> bool:
+    # torch.ldexp(x, e) is x * pow(2, e), and pow with a scalar base runs one element at a time on
+    # the CPU (5x the vectorised exp2). exp2 of an integer is exactly pow(2, e) on the builds
+    # checked (every integer of float32's exponent range and beyond, +-inf, in the vectorised and
+    # the scalar tail loops); checked once per process, else ldexp stays
+    e = torch.arange(-400, 400, dtype=torch.float32)
+    e = torch.cat([e, e.flip(0)[:13], torch.tensor([math.inf, -math.inf])])
+    return all(torch.equal(torch.exp2(v), torch.pow(2.0, v)) for v in (e, e.double()))
+
+
+_EXP2_EXACT = _exp2_is_exact()
+
+
+def ldexp(x: Tensor, e: Tensor) -> Tensor:
+    """``torch.ldexp(x, e)`` bit for bit for integer-valued floating ``e`` (an exponent add), as
+    ``x * exp2(e)`` where that is exact (see :func:`_exp2_is_exact`). Integer ``e`` stays with
+    torch.ldexp (its powers beyond float32's range differ; LayerNorm's are one per row anyway)."""
+    return x * torch.exp2(e) if _EXP2_EXACT and e.is_floating_point() else torch.ldexp(x, e)
+
+
 def and_events(count_a: Tensor, count_b: Tensor, matmul: bool) -> Tensor:
     """AND events of a spiking product with per-element spike counts of both operands (a 0-d
     float64 tensor on their device).
@@ -156,12 +176,12 @@ class MBESoftmax(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         whole, frac = self._split(x)
         p = self.exp2(frac)  # ~ 2^frac in [1, 2)
-        e = torch.ldexp(p, whole)  # exponent add
+        e = ldexp(p, whole)  # exponent add
         mant, expo = torch.frexp(e.sum(self.dim, keepdim=True))  # accumulation; sum = M 2^E
         r = self.recip(mant)  # ~ 1/M in (1, 2]
         self._seen.keep(x, frac, mant)
         # numerator x 1/sum: AND of the exp2 and recip trains, then one exponent add
-        return torch.ldexp(self.product(p, r), whole - expo)
+        return ldexp(self.product(p, r), whole - expo)
 
     def count_ops(self, inputs: tuple[Tensor, ...], output: Tensor) -> tuple[float, Tensor]:
         """``(0, exp2 spikes (neuron + one AC each into the row sum) + recip spikes + AND events)``."""
@@ -169,7 +189,7 @@ class MBESoftmax(nn.Module):
         seen = self._seen.take(x)
         if seen is None:
             whole, frac = self._split(x)
-            mant, _ = torch.frexp(torch.ldexp(self.exp2(frac), whole).sum(self.dim, keepdim=True))
+            mant, _ = torch.frexp(ldexp(self.exp2(frac), whole).sum(self.dim, keepdim=True))
         else:
             frac, mant = seen
         cp, cr = self.exp2.spike_counts(frac), self.recip.spike_counts(mant)
