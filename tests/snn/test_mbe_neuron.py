@@ -277,6 +277,21 @@ def test_one_pass_response_is_the_lookup_bit_for_bit(primitive, T, N, sub_grids)
     assert (mbe._RESPOND_SUB if tab.sub_grids else mbe._RESPOND)._compiled is not None  # the compiled pass ran
 
 
+def test_one_pass_response_with_wide_spike_counts():
+    """The 8-byte records keep spikes at a cell's left end in uint8; a code that can fire more than
+    254 times (24 bases, 12 steps) takes int16 there, with the same results as the lookup."""
+    code = MBECode.halving(12, 24, 0.0, 1.0, dither=True)
+    tab = code.table(torch.float32, "cpu")
+    assert tab.pairs is not None and tab.lefts.dtype == torch.int16 and int(tab.spikes.max()) > 254
+    one = torch.tensor(1.0, dtype=torch.float64)
+    x = _edge_inputs(tab.bounds, torch.Generator().manual_seed(8))
+    out = tab.respond(x, one, 0.0, one)
+    if out is None:
+        pytest.skip("torch.compile unavailable here")
+    ref = _respond_reference(tab, x, one, 0.0, one)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and int(out[2]) == int(ref[1].sum())
+
+
 def test_one_pass_response_falls_back_for_unresolved_cells(monkeypatch):
     """Sub-grids too coarse to separate their bounds leave cells flagged: those elements take the
     lookup inside the same call, and the result is still the lookup's, bit for bit."""
