@@ -203,10 +203,12 @@ class PayloadCounter(HookCounter):
             x = inputs[0]
             events = spikes = torch.as_tensor(module.count_events(inputs, output)[0], dtype=torch.float64)
             if x.device.type == "cpu":
-                first = x[:1] if x.dim() else x
                 # the values its trains hold (a neuron with an exact table reads them from it)
                 reader = getattr(module, "train_values", None)
-                trains = module.spike_trains(first) if reader is None else reader(first)
+                if reader is None:
+                    trains = module.spike_trains(x[:1]) if x.dim() else module.spike_trains(x)
+                else:
+                    trains = reader(x, rows=1)
             else:
                 # re-running trains reads values on the host (a synchronisation per call on a GPU):
                 # off the CPU the trains are taken as binary, which the spike-driven check verifies

@@ -217,6 +217,9 @@ class MBETable:
     # [K + 1, 2]: the smallest and the largest entry s_n(t) of the trains of each interval (all
     # bases and steps), recorded while enumerating them: what the payload counter measures
     extremes: Tensor | None = None
+    # [N T + 1, 2]: the same by the interval's spike count, where every interval of a count has the
+    # same extremes (binary trains: silent entries unless all fire, firing ones unless none do)
+    count_extremes: Tensor | None = None
 
     def index(self, z: Tensor) -> Tensor:
         """Interval index of every ``z`` (``torch.bucketize(z, bounds, right=True)``)."""
@@ -536,6 +539,17 @@ def _pairs(rec: Tensor) -> dict[str, Tensor]:
     return {"pairs": pairs.reshape(-1).view(torch.float32).contiguous(), "lefts": lefts.contiguous()}
 
 
+def _by_count(extremes: Tensor, spikes: Tensor, most: int) -> Tensor | None:
+    """``[most + 1, 2]``: the extremes of the intervals of each spike count (NaN for a count no
+    interval has), or None where two intervals of one count differ."""
+    idx = spikes.long()[:, None].expand(-1, 2)
+    low = extremes.new_full((most + 1, 2), math.inf).scatter_reduce(0, idx, extremes, "amin")
+    high = extremes.new_full((most + 1, 2), -math.inf).scatter_reduce(0, idx, extremes, "amax")
+    if not torch.equal(low.gather(0, idx), high.gather(0, idx)):
+        return None
+    return torch.where(torch.isinf(low), math.nan, low)
+
+
 def _basis_intervals(theta: Tensor, reset: Tensor, intensity: Tensor, delta: Tensor) -> tuple[Tensor, ...]:
     """Enumerate the spike-pattern intervals of one basis: ``(left ends, o, spike counts, [smallest,
     largest] train entry)``."""
@@ -700,7 +714,7 @@ class MBECode:
                     groups.append(acc)
             values = groups[0] if len(groups) == 1 else groups[0] + groups[1]
             tab = _with_cells(_with_grid(MBETable(bounds.contiguous(), values, spikes, values + bias)))
-            tab = replace(tab, extremes=extremes.contiguous())
+            tab = replace(tab, extremes=extremes.contiguous(), count_extremes=_by_count(extremes, spikes, self.N * self.T))
             self._tables[key] = MBETable(**{f.name: _to(getattr(tab, f.name), device) for f in fields(tab)})
         return self._tables[key]
 
@@ -885,16 +899,25 @@ class MBENeuron(base.MemoryModule):
             return record[1]
         return self.code(self.normalise(x), exact_table=self.fast)[1]
 
-    def train_values(self, x: Tensor) -> Tensor:
+    def train_values(self, x: Tensor, rows: int | None = None) -> Tensor:
         """The smallest and the largest entry of the trains :meth:`spike_trains` gives for every
-        element of ``x`` (``[numel, 2]``): read from the table's record of each interval (the trains
-        enumerated when it was built), so the payload counter measures what the neurons send without
-        rerunning their ``T`` steps (the step path reduces its trains)."""
+        element of ``x[:rows]`` (all of ``x`` for ``None`` or 0-d; ``[elements, 2]``, in any
+        order, each distinct pair at least once): read from the table's record of each interval
+        (the trains enumerated when it was built), so the payload counter measures what the
+        neurons send without rerunning their ``T`` steps (the step path reduces its trains).
+        Where the extremes are a function of the spike count (binary trains), they are read by
+        the counts the forward kept for ``x``, one per count present."""
+        part = x if rows is None or not x.dim() else x[:rows]
         tab = self.code.table(x.dtype, x.device) if self.fast and not self.exact else None
         if tab is None or tab.extremes is None:
-            trains = self.spike_trains(x).flatten(0, 1)
+            trains = self.spike_trains(part).flatten(0, 1)
             return torch.stack([trains.amin(0), trains.amax(0)], -1).reshape(-1, 2)
-        return tab.extremes.index_select(0, tab.index(self.normalise(x)).reshape(-1))
+        if tab.count_extremes is None:
+            return tab.extremes.index_select(0, tab.index(self.normalise(part)).reshape(-1))
+        counts = self.spike_counts(x)
+        counts = counts if rows is None or not x.dim() else counts[:rows]
+        present = torch.bincount(counts.reshape(-1).long(), minlength=len(tab.count_extremes)) > 0
+        return tab.count_extremes[present]
 
     def spike_total(self, x: Tensor) -> Tensor:
         """All spikes for input ``x`` (bases, steps, elements): a 0-d float64 tensor on its device,
