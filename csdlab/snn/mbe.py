@@ -297,7 +297,7 @@ def _cell_of(z: Tensor, origin: Tensor, inv_width: Tensor, last: Tensor, nan_off
     and product, no contraction: eager and compiled give the same cells)."""
     c = torch.minimum(((z - origin) * inv_width).clamp(min=0.0), last)
     # c != c is isnan (inductor vectorises the comparison, not isnan)
-    return torch.where(c != c, last + nan_offset, c).long()
+    return torch.where(c != c, last + nan_offset, c).long()  # noqa: PLR0124
 
 
 def _low(r: Tensor) -> Tensor:
@@ -520,7 +520,6 @@ def _pairs(rec: Tensor) -> dict[str, Tensor]:
     ``pairs`` (bound or NaN, value at the cell's left end) for the G cells, the value after the
     last cell and the NaN sentinel; ``lefts``, the spikes at each left end, the flag (the dtype's
     largest value) for a cell of more bounds and the sentinel."""
-    g = len(rec)
     bound, below, above, meta = rec.unbind(1)
     has = ~torch.isnan(bound.view(torch.float32))
     nan = torch.tensor([0x7FC00000], dtype=torch.int32)
@@ -914,8 +913,11 @@ class MBENeuron(base.MemoryModule):
             return torch.stack([trains.amin(0), trains.amax(0)], -1).reshape(-1, 2)
         if tab.count_extremes is None:
             return tab.extremes.index_select(0, tab.index(self.normalise(part)).reshape(-1))
-        counts = self.spike_counts(x)
-        counts = counts if rows is None or not x.dim() else counts[:rows]
+        record = self._record
+        if record is not None and record[0]() is x:  # the counts the forward kept (counters on)
+            counts = record[1] if part is x else record[1][:rows]
+        else:
+            counts = self.spike_counts(part)
         present = torch.bincount(counts.reshape(-1).long(), minlength=len(tab.count_extremes)) > 0
         return tab.count_extremes[present]
 
