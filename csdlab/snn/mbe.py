@@ -521,8 +521,9 @@ def _pairs(rec: Tensor) -> dict[str, Tensor]:
     last cell and the NaN sentinel; ``lefts``, the spikes at each left end, the flag (the dtype's
     largest value) for a cell of more bounds and the sentinel."""
     bound, below, above, meta = rec.unbind(1)
-    has = ~torch.isnan(bound.view(torch.float32))
     nan = torch.tensor([0x7FC00000], dtype=torch.int32)
+    bound = torch.where(meta < 0, nan, bound)  # a cell of more bounds: no comparison, flagged at its left end
+    has = ~torch.isnan(bound.view(torch.float32))
     after = torch.where(has[-1:], above[-1:], below[-1:])  # the value after the last cell
     pairs = torch.stack([torch.cat([bound, nan, nan]), torch.cat([below, after, nan])], 1)
     spikes = torch.where(meta < 0, -1, meta & 0xFFFF)

@@ -298,6 +298,31 @@ def test_one_pass_response_with_wide_spike_counts():
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and int(out[2]) == int(ref[1].sum())
 
 
+def test_one_pass_response_flags_dense_cells_of_8_byte_records():
+    """8-byte records over a grid with cells of several bounds (what a table with non-finite end
+    bounds gets): those cells' elements, and the elements at or above the bound of the cell
+    before one, are flagged and take the lookup; the result is the lookup's, bit for bit."""
+    from dataclasses import replace
+
+    from csdlab.snn import mbe
+
+    code = load_code("gelu", 8, 4)
+    tab = code.table(torch.float32, "cpu")
+    geom, per = mbe._grid_of(tab.bounds, 4096)
+    per = per[:4096]
+    dense = per > 1
+    assert int((dense[:-1] & ~dense[1:]).sum()) > 0  # dense cells before cells of at most one bound
+    plain = replace(tab, cells=None, sub_grids=False, geom=geom,
+                    **mbe._pairs(mbe._records(tab, torch.cumsum(per, 0) - per, per)))
+    x = _edge_inputs(tab.bounds, torch.Generator().manual_seed(9))
+    one = torch.tensor(1.0, dtype=torch.float64)
+    out = plain.respond(x, one, 0.0, one)
+    if out is None:
+        pytest.skip("torch.compile unavailable here")
+    ref = _respond_reference(tab, x, one, 0.0, one)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and int(out[2]) == int(ref[1].sum())
+
+
 def test_one_pass_response_falls_back_for_unresolved_cells(monkeypatch):
     """Sub-grids too coarse to separate their bounds leave cells flagged: those elements take the
     lookup inside the same call, and the result is still the lookup's, bit for bit."""
