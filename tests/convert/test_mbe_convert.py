@@ -91,8 +91,11 @@ def test_table_and_step_paths_agree_in_the_network(T):
         firing, ops = counters.firing, counters.ops
         steps = torch.tensor([seen[n] * m.code.N * T for n, m in snn.sites().items()], dtype=torch.float64)
         assert torch.equal(firing.counts[1], steps)  # no site is run twice by the counters
-        counts.append((out, firing.counts, ops.per_step))
+        counts.append((out, firing.counts, ops.per_step, counters.payload.counts, counters.payload.seen))
     assert torch.equal(counts[0][0], counts[1][0])
+    # the payload: read from the table's train records on one path, the step-by-step trains on the other
+    assert torch.equal(counts[0][3], counts[1][3]) and torch.equal(counts[0][4], counts[1][4])
+    assert float(counts[0][3][2].max()) == 1
     assert torch.equal(counts[0][1], counts[1][1]) and float(counts[0][1][0].sum()) > 0
     assert torch.equal(counts[0][2], counts[1][2])
 

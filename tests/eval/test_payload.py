@@ -158,3 +158,15 @@ def test_metrics_report_payload_and_both_rules() -> None:
     assert f["energy/T1/ratio"] == pytest.approx(12 * 0.9 / (24 * 4.6))
     assert f["energy/T1/ratio_spike"] == pytest.approx(39 * 0.9 / (24 * 4.6)) == f["energy/T1/ratio_spike_t1"]
     assert f["energy/T1/snn_acs_spike"] == pytest.approx(39 / 2)
+
+
+def test_value_bins_small_inputs_take_the_same_bins():
+    """Small CPU inputs within +-PAYLOAD_EXACT take a shorter path (one bin per value): the same
+    bins as the general one (the same values repeated past its size limit)."""
+    from csdlab.eval.counters import PAYLOAD_EXACT, value_bins
+
+    g = torch.Generator().manual_seed(0)
+    for values in (torch.tensor([0.0, 1.0]), torch.randint(-PAYLOAD_EXACT, PAYLOAD_EXACT + 1, (500,), generator=g).float(),
+                   torch.tensor([0.0, 1.0, 3000.0, -5000.0])):
+        big = values.repeat((1 << 16) // len(values) + 1)  # the general path
+        assert torch.equal(value_bins(values), value_bins(big))

@@ -169,6 +169,29 @@ def test_table_neuron_equals_step_by_step_at_breakpoints(primitive, T, N, dtype)
     assert torch.equal(table.spike_counts(x), steps.spike_counts(x))
 
 
+@pytest.mark.parametrize(("primitive", "T", "N"), [("identity", 16, 8), ("gelu", 16, 4), ("exp2", 8, 8),
+                                                    ("identity", 3, 8)])
+def test_train_values_are_the_trains_extremes(primitive, T, N):
+    """What the payload counter reads from a table neuron (each element's smallest and largest
+    train entry, recorded per interval) is what the step-by-step trains hold, at and just below
+    breakpoints and on a spread."""
+    code = load_code(primitive, T, N)
+    bounds = code.table(torch.float32, "cpu").bounds
+    z = _edge_inputs(bounds[:: max(1, len(bounds) // 3000)], torch.Generator().manual_seed(7))
+    x = (z[torch.isfinite(z)] + code.x0).view(-1, 2)
+    trains = MBENeuron(code, fast=False).spike_trains(x).flatten(0, 1)  # [T N, *x.shape]
+    expected = torch.stack([trains.amin(0), trains.amax(0)], -1).reshape(-1, 2)
+    table = MBENeuron(code)
+    assert torch.equal(table.train_values(x).unique(dim=0), expected.unique(dim=0))  # by the spike counts
+    tab = code.table(torch.float32, "cpu")
+    assert tab.count_extremes is not None
+    by_interval = tab.extremes.index_select(0, tab.index(x / table.in_scale.float() - code.x0).reshape(-1))
+    assert torch.equal(by_interval, expected)  # every element's own extremes
+    assert torch.equal(table.train_values(x, rows=3).unique(dim=0), expected[:6].unique(dim=0))
+    assert torch.equal(MBENeuron(code, fast=False).train_values(x), expected)
+    assert set(expected.unique().tolist()) == {0.0, 1.0}  # binary: silent and firing entries both occur
+
+
 def test_nan_unchanged():
     """NaN is refused by the evaluation (check_finite); inside a neuron the table path raises on it
     (an out-of-range interval), the step path fires nothing."""
@@ -258,6 +281,46 @@ def test_one_pass_response_is_the_lookup_bit_for_bit(primitive, T, N, sub_grids)
         assert torch.equal(y, ref_y) and torch.equal(spikes, ref_spikes)
         assert int(total) == int(ref_spikes.sum())
     assert (mbe._RESPOND_SUB if tab.sub_grids else mbe._RESPOND)._compiled is not None  # the compiled pass ran
+
+
+def test_one_pass_response_with_wide_spike_counts():
+    """The 8-byte records keep spikes at a cell's left end in uint8; a code that can fire more than
+    254 times (24 bases, 12 steps) takes int16 there, with the same results as the lookup."""
+    code = MBECode.halving(12, 24, 0.0, 1.0, dither=True)
+    tab = code.table(torch.float32, "cpu")
+    assert tab.pairs is not None and tab.lefts.dtype == torch.int16 and int(tab.spikes.max()) > 254
+    one = torch.tensor(1.0, dtype=torch.float64)
+    x = _edge_inputs(tab.bounds, torch.Generator().manual_seed(8))
+    out = tab.respond(x, one, 0.0, one)
+    if out is None:
+        pytest.skip("torch.compile unavailable here")
+    ref = _respond_reference(tab, x, one, 0.0, one)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and int(out[2]) == int(ref[1].sum())
+
+
+def test_one_pass_response_flags_dense_cells_of_8_byte_records():
+    """8-byte records over a grid with cells of several bounds (what a table with non-finite end
+    bounds gets): those cells' elements, and the elements at or above the bound of the cell
+    before one, are flagged and take the lookup; the result is the lookup's, bit for bit."""
+    from dataclasses import replace
+
+    from csdlab.snn import mbe
+
+    code = load_code("gelu", 8, 4)
+    tab = code.table(torch.float32, "cpu")
+    geom, per = mbe._grid_of(tab.bounds, 4096)
+    per = per[:4096]
+    dense = per > 1
+    assert int((dense[:-1] & ~dense[1:]).sum()) > 0  # dense cells before cells of at most one bound
+    plain = replace(tab, cells=None, sub_grids=False, geom=geom,
+                    **mbe._pairs(mbe._records(tab, torch.cumsum(per, 0) - per, per)))
+    x = _edge_inputs(tab.bounds, torch.Generator().manual_seed(9))
+    one = torch.tensor(1.0, dtype=torch.float64)
+    out = plain.respond(x, one, 0.0, one)
+    if out is None:
+        pytest.skip("torch.compile unavailable here")
+    ref = _respond_reference(tab, x, one, 0.0, one)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and int(out[2]) == int(ref[1].sum())
 
 
 def test_one_pass_response_falls_back_for_unresolved_cells(monkeypatch):

@@ -145,3 +145,28 @@ def test_linear_counts_events_times_fanout():
     torch.testing.assert_close(out, lin(layer.encoder(x)))
     ev = float(layer.encoder.spike_counts(x).sum())
     assert layer.count_ops((x,), out) == (0.0, ev * 12)
+
+
+def test_ldexp_is_torch_ldexp_bit_for_bit():
+    """The exponent add (x * exp2(e), 5x torch.ldexp's pow on the CPU) equals torch.ldexp for
+    every integer exponent float32 can meet, subnormal and overflowing results included."""
+    from csdlab.snn.mbe_ops import _EXP2_EXACT, ldexp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(5000, generator=g) * 4 - 2, torch.tensor([0.0, -0.0, 1.5, 3e38])])
+    e = torch.randint(-300, 300, (len(x),), generator=g)
+    def same_bits(a, b):  # NaN where 0 meets an infinite power, in both
+        nan = a.isnan()
+        ints = torch.int64 if a.dtype == torch.float64 else torch.int32
+        return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(ints), b[~nan].view(ints))
+
+    for ex in (e.float(), e.int(), torch.floor(torch.rand(len(x), generator=g) * -200)):
+        assert same_bits(ldexp(x, ex), torch.ldexp(x, ex))
+    assert same_bits(ldexp(x.double(), e.double()), torch.ldexp(x.double(), e.double()))
+    # LayerNorm's integer exponents (taken as floats where every 2^e is a normal float32; beyond,
+    # torch.ldexp): the same as torch.ldexp, subnormal and overflowing results included
+    xs = torch.randn(20_000, generator=g) * torch.exp2(torch.randint(-60, 60, (20_000,), generator=g).float())
+    ei = torch.randint(-126, 127, (20_000,), generator=g, dtype=torch.int32)
+    assert same_bits(ldexp(xs, ei), torch.ldexp(xs, ei))
+    assert same_bits(ldexp(xs.double(), ei), torch.ldexp(xs.double(), ei))
+    assert _EXP2_EXACT  # the fast path is the one tested here
