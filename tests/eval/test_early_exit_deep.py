@@ -22,9 +22,15 @@ pytestmark = [pytest.mark.slow,
 #: measured with this test's command on assets/fmnist_vit_deep.ckpt (ANN 91.10 % on these images)
 MEASURED = {"snn/T8/top1_t4": 0.9105, "exit/T8/top1": 0.9060, "exit/T8/mean_steps": 1.482,
             "exit/T8/energy_ratio": 0.2856}
-#: the run repeats to the image on one machine; another CPU's float summation order can move an
-#: image at a level boundary (1 image = 0.0005) and the calibrated threshold with it
-TOL = {"snn/T8/top1_t4": 0.0015, "exit/T8/top1": 0.0025, "exit/T8/mean_steps": 0.15, "exit/T8/energy_ratio": 0.03}
+#: how far the figures move across CPUs, measured with benchmarks/pin_spread.py (this test's command in
+#: fresh processes, kernels restricted to each instruction set, 1 or 2 threads; AMD EPYC):
+#:   native (avx512) 1 and 2 threads: 0.9105 / 0.9060 / 1.482 / 0.2856 (identical)
+#:   avx2, 1 thread:                  0.9110 / 0.9070 / 1.693 / 0.3283
+#:   default (sse4.2), 1 thread:      0.9120 / 0.9070 / 1.679 / 0.3254
+#: largest deviation 0.0015 / 0.0010 / 0.21 / 0.043: another summation order moves a few images at a
+#: level boundary and, with them, the calibrated exit threshold (steps and energy move most).
+#: Tolerances: the measured spread plus about half again.
+TOL = {"snn/T8/top1_t4": 0.0025, "exit/T8/top1": 0.0025, "exit/T8/mean_steps": 0.32, "exit/T8/energy_ratio": 0.065}
 
 
 def test_ecmt_deep_t4_and_early_exit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
