@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from csdlab.eval.api import SpikingModel
 from csdlab.eval.metrics import ConversionMetrics
+from tests.eval.stubs import OneSiteModel, PassSite
 
 
 class _Reference(nn.Module):
@@ -23,15 +23,7 @@ class _Reference(nn.Module):
         return self.fc(x)
 
 
-class _Site(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-    def count_events(self, inputs, output):
-        return (output != 0).sum(), output.numel()
-
-
-class _Snn(SpikingModel):
+class _Snn(OneSiteModel):
     """Two readout steps: step 1 a fixed wrong guess (class 2, logits [0, 0, 1]), step 2 the
     reference's logits; one neuron site and one spike-fed Linear (fan-out 1) per step."""
 
@@ -40,7 +32,7 @@ class _Snn(SpikingModel):
 
     def __init__(self) -> None:
         super().__init__()
-        self.site = _Site()
+        self.site = PassSite()
         self.fc = nn.Linear(3, 1, bias=False)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -48,15 +40,6 @@ class _Snn(SpikingModel):
         self.fc(spikes)
         guess = torch.tensor([0.0, 0.0, 1.0]).expand_as(images)
         return torch.stack([guess, images])
-
-    def sites(self):
-        return {"site": self.site}
-
-    def analog_layers(self):
-        return []
-
-    def time_flattened(self):
-        return True
 
 
 def test_every_figure_on_a_hand_built_network() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from csdlab.eval.api import Payload, SpikingModel
+from csdlab.eval.api import Payload
 from csdlab.eval.counters import (
     PAYLOAD_BINS,
     PAYLOAD_EXACT,
@@ -18,16 +18,7 @@ from csdlab.eval.counters import (
 from csdlab.eval.metrics import ConversionMetrics
 from csdlab.snn.burst import BurstNeuron
 from csdlab.snn.neurons import MTNeuron
-
-
-class _Binary(nn.Module):
-    """Passes a 0/1 tensor on (no spike_units: the evaluation reads the output itself)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-    def count_events(self, inputs, output):
-        return (output != 0).sum(), output.numel()
+from tests.eval.stubs import OneSiteModel, PassSite
 
 
 class _Burst(nn.Module):
@@ -43,7 +34,7 @@ class _Burst(nn.Module):
         return (output != 0).sum(), output.numel()
 
 
-class _Net(SpikingModel):
+class _Net(OneSiteModel):
     """One site feeding a Linear of fan-out 3, one step, on a fixed input."""
 
     time_steps = 1
@@ -55,15 +46,6 @@ class _Net(SpikingModel):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.site(x)).unsqueeze(0)
-
-    def sites(self):
-        return {"site": self.site}
-
-    def analog_layers(self):
-        return []
-
-    def time_flattened(self):
-        return True
 
 
 def _count(site: nn.Module, x: Tensor) -> SimulationCounters:
@@ -94,7 +76,7 @@ def test_value_bins_and_bits() -> None:
 
 def test_binary_site() -> None:
     x = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
-    c = _count(_Binary(), x)
+    c = _count(PassSite(), x)
     assert c.payload.counts[:, 0].tolist() == [4.0, 4.0, 1.0]  # events, unit spikes, largest value
     assert bits_of_values(c.payload.seen[0]) == 1
     # 4 events x fan-out 3, under both rules
