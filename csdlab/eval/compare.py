@@ -280,14 +280,16 @@ def peer_answers(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """For every row of a peer method (a converter whose ``origin`` is not csdlab), the csdlab row that
     meets it (:func:`meets`) at the least energy per event, or ``None``: the claim a comparison is run
     to check, stated row by row. Rows without an ``origin`` (older comparisons) count as csdlab's."""
+    def ident(r: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: r[k] for k in ("method", "T", "variant") if k in r}
+
     done = [r for r in rows if "skipped" not in r]
     ours = [r for r in done if r.get("origin", "csdlab") == "csdlab"]
     out = []
     for peer in (r for r in done if r.get("origin", "csdlab") != "csdlab"):
         met = [r for r in ours if meets(r, peer)]
         best = min(met, key=lambda r: (r["energy_event"], r["energy_spike"])) if met else None
-        out.append({"peer": {k: peer[k] for k in ("method", "T", "variant") if k in peer},
-                    "met_by": None if best is None else {k: best[k] for k in ("method", "T", "variant") if k in best}})
+        out.append({"peer": ident(peer), "met_by": None if best is None else ident(best)})
     return out
 
 
@@ -298,8 +300,8 @@ def peer_answers_table(answers: list[Mapping[str, Any]]) -> str:
     body = [[f"{a['peer']['method']} T = {a['peer']['T']}",
              "not met" if a["met_by"] is None else f"{a['met_by']['method']} T = {a['met_by']['T']}"]
             for a in answers]
-    return format_table(body, ["peer row", "csdlab row at least as accurate, no more bits, energy (both rules) "
-                                           "or simulation time"])
+    return format_table(body, ["peer row", ("csdlab row at least as accurate, no more bits, energy (both rules) "
+                                            "or simulation time")])
 
 
 def plot_comparison(out: Mapping[str, Any], folder: str | Path) -> list[Path]:

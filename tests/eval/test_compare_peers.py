@@ -39,7 +39,7 @@ def test_every_sta_row_is_met_by_a_csdlab_row(tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(REPO)  # the configs name assets/ relative to the repository root
     common = {"checkpoint": str(REPO / "assets" / "fmnist_vit_tiny.ckpt"), "limit": 500, "accelerator": "cpu",
               "timing_repeats": 7}  # medians of 7: one row's timing must survive a load spike on a shared CPU
-    peer = compare([str(CONVERT / "fmnist_vit_sta.yaml")], Ts=[1, 2, 4], out_dir=str(tmp_path / "sta"), **common)
+    compare([str(CONVERT / "fmnist_vit_sta.yaml")], Ts=[1, 2, 4], out_dir=str(tmp_path / "sta"), **common)
     out = compare(BURSTS, Ts=[1], out_dir=str(tmp_path / "all"), include=[str(tmp_path / "sta" / "comparison.json")],
                   **common)
     assert out["ann"]["samples"] == 500 and out["ann"]["top1"] == pytest.approx(0.89, abs=1e-6)
